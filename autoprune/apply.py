@@ -1,0 +1,182 @@
+"""Apply a policy for real: prune, optionally fine-tune (also iteratively), judge on the test split.
+
+Iterative pruning (MIT 6.5940 lecture 3; Han et al. 2015): instead of removing everything at
+once, ``steps`` rounds each prune a little more (ratios ramp to the target, cubic by default,
+Zhu & Gupta 2017) and fine-tune, letting the network recover between cuts. Each round re-ranks
+the surviving channels / weights with the task's criterion on the current, fine-tuned weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from autoprune.costs import count_params, measure_latency, measure_macs
+from autoprune.criteria import CriterionContext, compute_scores
+from autoprune.models import ModelError, build_model, state_dict_mismatch
+from autoprune.policy import Policy
+from autoprune.pruning import Ranking, make_masks_permanent, prune_model, ramp, remove_channels
+from autoprune.space import PruningSpace
+from autoprune.task import CRITERION_SAMPLES, Task
+from autoprune.training import evaluate_accuracy, fine_tune, recalibrate_bn
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class ApplyResult:
+    """The pruned (and fine-tuned) model with test-split metrics before and after."""
+
+    model: nn.Module
+    before: dict[str, float]
+    after: dict[str, float]
+    pruned_no_finetune: dict[str, float]
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+
+def model_metrics(task: Task, model: nn.Module, latency: bool = True) -> dict[str, float]:
+    """Test accuracy and loss, measured MACs and params (non-zero only for masked granularities)
+    and, optionally, measured CPU latency (batch 1, one thread) of a model."""
+    sparse = task.space.granularity != "channel"
+    acc, loss = _test_accuracy(task, model)
+    out = {
+        "test_accuracy": acc,
+        "test_loss": loss,
+        "macs": float(measure_macs(model, task.input_shape, nonzero_only=sparse)),
+        "params": float(count_params(model, nonzero_only=sparse)),
+    }
+    if latency:
+        out["latency_ms"] = 1e3 * measure_latency(model, task.input_shape, repeats=30)
+    return out
+
+
+def _test_accuracy(task: Task, model: nn.Module) -> tuple[float, float]:
+    return evaluate_accuracy(
+        model, task.data.x_test.to(task.device), task.data.y_test.to(task.device)
+    )
+
+
+def _recalibrate(task: Task, model: nn.Module) -> None:
+    x = task.data.x_train.to(task.device)
+    recalibrate_bn(model, x, task.config.eval.bn_batches, task.config.eval.bn_batch_size)
+
+
+def _relative(current: PruningSpace, task: Task, target: np.ndarray) -> np.ndarray:
+    """Ratios for the current (already pruned) model that reach ``target`` of the dense one."""
+    if current.granularity != "channel":
+        return target
+    dense_sizes = np.array([u.size for u in task.space.units], dtype=np.float64)
+    kept = dense_sizes - task.space.removed_counts(target)
+    sizes = np.array([current.unit(u.name).size for u in task.space.units], dtype=np.float64)
+    return np.clip((sizes - kept) / sizes, 0.0, current.max_ratio)
+
+
+def _prune_step(task: Task, model: nn.Module, target: np.ndarray) -> nn.Module:
+    """Prune an already-pruned model further to ``target`` (ratios of the dense model)."""
+    cfg = task.config
+    model = make_masks_permanent(model)
+    space = PruningSpace(model, task.input_shape, cfg.granularity, 0.999, cfg.round_to, cfg.nm.m)
+    x, y = task.data.subset("search", CRITERION_SAMPLES, seed=cfg.seed)
+    scores = compute_scores(cfg.criterion, CriterionContext(model, space, x, y, seed=cfg.seed))
+    ranking = Ranking.from_scores(space, scores)
+    return prune_model(model, space, ranking, _relative(space, task, target), persistent=True)
+
+
+def apply_policy(
+    task: Task,
+    policy: Policy | Mapping[str, float] | np.ndarray,
+    finetune_epochs: int = 0,
+    steps: int = 1,
+    lr: float = 0.01,
+    schedule: str = "cubic",
+    latency: bool = True,
+    progress: Progress | None = None,
+) -> ApplyResult:
+    """Prune the task's model with a policy, fine-tune ``finetune_epochs`` per step, and report
+    test metrics before and after. ``steps > 1`` prunes iteratively."""
+    vec = policy.check(task) if isinstance(policy, Policy) else task.ratio_vector(policy)
+    say = progress or (lambda _msg: None)
+    cfg = task.config
+    before = model_metrics(task, task.model, latency)
+    targets = ramp(vec, steps, schedule)
+    model = task.prune(targets[0], persistent=True)
+    _recalibrate(task, model)
+    pruned_metrics = model_metrics(task, model, latency=False)  # first cut, before fine-tuning
+    history: list[dict[str, Any]] = []
+    for k, target in enumerate(targets):
+        if k > 0:
+            model = _prune_step(task, model, target)
+            _recalibrate(task, model)
+        if finetune_epochs > 0:
+            say(f"step {k + 1}/{steps}: fine-tuning {finetune_epochs} epoch(s)")
+            fine_tune(
+                model, task.data, finetune_epochs, lr=lr, device=cfg.device, seed=cfg.seed + k
+            )
+        acc, _ = _test_accuracy(task, model)
+        history.append({"step": k + 1, "mean_ratio": float(np.mean(target)), "test_accuracy": acc})
+        say(f"step {k + 1}/{steps}: test accuracy {acc:.4f}")
+    model = make_masks_permanent(model)
+    after = model_metrics(task, model, latency)
+    return ApplyResult(model, before, after, pruned_metrics, history)
+
+
+PRUNED_FORMAT = 1
+
+
+def save_pruned(path: str | Path, task: Task, model: nn.Module, policy: Policy) -> Path:
+    """Save a pruned model as a plain state dict plus what rebuilds its architecture.
+
+    Loading needs no pickled code: :func:`load_pruned` rebuilds the zoo model, removes the same
+    number of channels per unit and loads the weights with ``weights_only=True``.
+    """
+    payload = {
+        "format": PRUNED_FORMAT,
+        "model": task.config.model.name,
+        "model_kwargs": dict(task.config.model.kwargs),
+        "in_channels": task.data.in_channels,
+        "num_classes": task.data.num_classes,
+        "input_shape": list(task.input_shape),
+        "granularity": task.config.granularity,
+        "round_to": task.config.round_to,
+        "nm_m": task.config.nm.m,
+        "policy": policy.to_json(),
+        "state_dict": make_masks_permanent(model).state_dict(),
+    }
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, out)
+    return out
+
+
+def load_pruned(path: str | Path) -> tuple[nn.Module, Policy]:
+    """Load a model written by :func:`save_pruned` (``weights_only=True``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"pruned model file not found: {p}")
+    payload = torch.load(p, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != PRUNED_FORMAT:
+        raise ModelError(f"{p} is not a pruned model written by autoprune")
+    policy = Policy.from_dict(json.loads(payload["policy"]), source=str(p))
+    model = build_model(
+        payload["model"], payload["in_channels"], payload["num_classes"], **payload["model_kwargs"]
+    ).eval()
+    if payload["granularity"] == "channel":
+        space = PruningSpace(
+            model, payload["input_shape"], "channel", 0.999, payload["round_to"], payload["nm_m"]
+        )
+        vec = space.ratio_vector(policy.ratios)
+        identity = Ranking("channel", [np.arange(u.size) for u in space.units])
+        remove_channels(model, space, identity, space.removed_counts(vec))
+    state = payload["state_dict"]
+    missing = state_dict_mismatch(model.state_dict(), state)
+    if missing:
+        raise ModelError(f"{p}: weights do not fit the rebuilt architecture: {missing}")
+    model.load_state_dict(state)
+    return model, policy

@@ -1,0 +1,189 @@
+"""Typed, validated configuration of a task (what is pruned and how it is judged).
+
+Configs come from YAML files, Python dicts or ``key=value`` overrides; unknown keys are errors
+(``extra="forbid"``) and nothing in a config string is ever evaluated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Granularity = Literal["channel", "fine", "nm"]
+Device = Literal["cpu", "cuda", "auto"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the offending field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """The network: a zoo name (``resnet20``) or a ``package.module:factory`` string."""
+
+    name: str = "resnet20"
+    checkpoint: str | None = Field(
+        default=None,
+        description="Path to a state dict; None = the cached default checkpoint "
+        "(trained on first use) for the task's data.",
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra factory arguments.")
+
+
+class DataConfig(_Strict):
+    """The data set and its deterministic train / search / test splits."""
+
+    name: Literal["digits", "cifar10", "npz"] = "digits"
+    path: str | None = Field(default=None, description="Folder (cifar10) or file (npz).")
+    resize: int | None = Field(default=None, ge=4, le=256, description="Resize images to NxN.")
+    search_size: int = Field(
+        default=500, ge=10, description="Images held out of the training data for the search."
+    )
+    test_fraction: float = Field(
+        default=0.2, gt=0, lt=1, description="Test share (digits and npz without a test split)."
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> DataConfig:
+        if self.name in ("cifar10", "npz") and not self.path:
+            raise ValueError(f"data.path is required for data.name={self.name!r}")
+        return self
+
+
+class TrainConfig(_Strict):
+    """How a checkpoint is trained (also used for the default checkpoint)."""
+
+    epochs: int = Field(default=30, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=0.05, gt=0)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    bn_l1: float = Field(
+        default=0.0, ge=0, description="Network-slimming L1 penalty on BN scaling factors."
+    )
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="Cross-entropy smoothing.")
+    augment: bool = True
+    seed: int = 0
+
+
+class NMConfig(_Strict):
+    """N:M semi-structured sparsity: ``m`` is the group size; a unit's ratio picks N."""
+
+    m: int = Field(default=4, ge=2, le=32)
+
+
+class EvalConfig(_Strict):
+    """How the evaluator judges a policy (AMC + adaptive BN, EagleEye)."""
+
+    bn_batches: int = Field(default=4, ge=0, description="Batches for BN recalibration (0: off).")
+    bn_batch_size: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=512, ge=1, description="Batch size for accuracy.")
+    latency: bool = Field(default=False, description="Measure latency of every pruned model.")
+    cache_size: int = Field(default=4096, ge=0)
+
+
+class TaskConfig(_Strict):
+    """Everything that defines a task: model, data, granularity, criterion, evaluation."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    granularity: Granularity = "channel"
+    criterion: str = "l2"
+    max_ratio: float = Field(default=0.8, gt=0, lt=1)
+    round_to: int = Field(default=1, ge=1, description="Keep channel counts a multiple of this.")
+    reconstruct: bool = Field(default=False, description="Least-squares refit of next layers.")
+    nm: NMConfig = Field(default_factory=NMConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    device: Device = "cpu"
+    threads: int | None = Field(default=None, ge=1, description="torch threads (None: default).")
+    seed: int = 0
+
+    @field_validator("criterion")
+    @classmethod
+    def _lower(cls, v: str) -> str:
+        return v.strip().lower()
+
+
+def _format_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        parts.append(f"{loc}: {e['msg']}")
+    return "invalid config: " + "; ".join(parts)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=3`` -> (["a", "b"], 3). Values are parsed as YAML scalars, never evaluated."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (a copy); intermediate dicts are created."""
+    out: dict[str, Any] = _deepcopy_dict(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _deepcopy_dict(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy_dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with a clear error for a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"malformed YAML in {p}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def task_config(
+    source: TaskConfig | dict[str, Any] | str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> TaskConfig:
+    """Build a validated :class:`TaskConfig` from a config, a dict, a YAML path or nothing."""
+    if isinstance(source, TaskConfig):
+        data = source.model_dump()
+    elif isinstance(source, dict):
+        data = source
+    elif source is None:
+        data = {}
+    else:
+        data = load_yaml(source)
+        data = data.get("task", data) if isinstance(data.get("task"), dict) else data
+    data = apply_overrides(data, overrides or [])
+    try:
+        return TaskConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None

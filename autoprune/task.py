@@ -1,0 +1,205 @@
+"""A task: what is pruned and how it is judged, built from a config.
+
+``build_task(config)`` validates everything cheap first (config schema, criterion, model name,
+data folder, checkpoint fit) and only then does the expensive work (training the default
+checkpoint on first use, tracing the model, scoring channels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from autoprune._version import __version__
+from autoprune.budget import Budget, BudgetError
+from autoprune.config import TaskConfig, task_config
+from autoprune.criteria import CriterionContext, compute_scores, get_criterion
+from autoprune.data import DataSplits, load_data
+from autoprune.models import build_model, checkpoint_hash, load_checkpoint, resolve_factory
+from autoprune.pruning import Ranking, prune_model
+from autoprune.reconstruct import reconstruct
+from autoprune.space import PruningSpace
+from autoprune.training import default_checkpoint, resolve_device
+
+RatiosLike = Mapping[str, float] | Sequence[float] | np.ndarray
+CRITERION_SAMPLES = 256  # images of the search split used by data-driven criteria
+
+
+class Task:
+    """A model with its checkpoint, data splits, pruning space and importance ranking."""
+
+    def __init__(self, config: TaskConfig, model: nn.Module, data: DataSplits, checkpoint: Path):
+        self.config = config
+        self.model = model.eval()
+        self.data = data
+        self.checkpoint = checkpoint
+        self.checkpoint_hash = checkpoint_hash(checkpoint)
+        self.input_shape = (data.in_channels, data.image_size, data.image_size)
+        self.space = PruningSpace(
+            model,
+            self.input_shape,
+            config.granularity,
+            max_ratio=config.max_ratio,
+            round_to=config.round_to,
+            nm_m=config.nm.m,
+        )
+
+    # ------------------------------------------------------------ identity
+    @property
+    def units(self) -> list[str]:
+        return self.space.names
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a policy is valid for: same model, weights, granularity and criterion."""
+        fp: dict[str, Any] = {
+            "model": self.config.model.name,
+            "checkpoint": self.checkpoint_hash,
+            "data": self.data.name,
+            "input_shape": list(self.input_shape),
+            "granularity": self.config.granularity,
+            "criterion": self.config.criterion,
+            "units": len(self.space),
+        }
+        if self.config.granularity == "nm":
+            fp["nm_m"] = self.config.nm.m
+        return fp
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.fingerprint(), "autoprune": __version__, "splits": self.data.sizes()}
+
+    # ------------------------------------------------------------- ranking
+    @cached_property
+    def scores(self) -> list[np.ndarray]:
+        """Importance of every channel / weight of every unit (computed once)."""
+        x, y = self.data.subset("search", CRITERION_SAMPLES, seed=self.config.seed)
+        ctx = CriterionContext(self.model, self.space, x, y, seed=self.config.seed)
+        return compute_scores(self.config.criterion, ctx)
+
+    @cached_property
+    def ranking(self) -> Ranking:
+        return Ranking.from_scores(self.space, self.scores)
+
+    # ----------------------------------------------------------- policies
+    def ratio_vector(
+        self, ratios: Mapping[str, float] | Sequence[float] | np.ndarray
+    ) -> np.ndarray:
+        """Validated ratio vector in unit order (unknown unit or ratio out of range: an error)."""
+        return self.space.ratio_vector(ratios)
+
+    def ratios_dict(self, vec: np.ndarray) -> dict[str, float]:
+        return {u.name: float(r) for u, r in zip(self.space.units, vec, strict=True)}
+
+    def prune(
+        self,
+        ratios: RatiosLike,
+        persistent: bool = False,
+        reconstruct_layers: bool | None = None,
+        light: bool = False,
+    ) -> nn.Module:
+        """A pruned copy of the dense model (the dense model is never changed).
+
+        ``persistent`` keeps fine-grained / N:M masks through fine-tuning; ``reconstruct_layers``
+        (default: the task's ``reconstruct`` setting) refits layers after channel removal.
+        ``light`` shares unpruned weights with the dense model (evaluation only, never train it).
+        """
+        vec = self.ratio_vector(ratios)
+        pruned = prune_model(
+            self.model, self.space, self.ranking, vec, persistent=persistent, light=light
+        )
+        if reconstruct_layers is None:
+            reconstruct_layers = self.config.reconstruct
+        if reconstruct_layers and self.space.granularity == "channel":
+            x, _ = self.data.subset("train", 256, seed=self.config.seed)
+            removed = self.space.removed_counts(vec).tolist()
+            reconstruct(pruned, self.model, self.space, x.to(self.device), removed)
+        return pruned
+
+    # --------------------------------------------------------------- costs
+    @cached_property
+    def latency_table(self) -> Any:
+        """NetAdapt's per-layer latency lookup table (built once, cached on disk)."""
+        if self.space.granularity != "channel":
+            raise BudgetError(
+                "latency budgets need channel granularity: masked (fine / N:M) weights do not "
+                "make dense CPU kernels faster"
+            )
+        from autoprune.costs import LatencyTable
+
+        return LatencyTable.build(self.model, self.input_shape, threads=1)
+
+    @cached_property
+    def dense_latency_predicted(self) -> float:
+        return float(self.latency_table.predict({}))
+
+    def cost_ratios(self, vec: np.ndarray, metrics: Sequence[str] = ("flops", "params")) -> dict:
+        """Analytic cost ratios of a ratio vector; ``latency`` from the lookup table."""
+        out = self.space.cost_ratios(vec)
+        if "latency" in metrics:
+            predicted = self.latency_table.predict(self.space.layer_channels(vec))
+            out["latency"] = float(predicted) / self.dense_latency_predicted
+        return out
+
+    def check_budget(self, budget: Budget | str | Mapping[str, float]) -> Budget:
+        """Parse a budget and make sure the task can measure and reach it."""
+        budget = Budget.parse(budget)
+        max_vec = np.full(len(self.space), self.space.max_ratio)
+        budget.check_reachable(lambda v: self.cost_ratios(v, budget.metrics), max_vec)
+        return budget
+
+    def project(self, vec: np.ndarray, budget: Budget) -> np.ndarray:
+        """Move a ratio vector just far enough towards max_ratio to meet the budget."""
+        max_vec = np.full(len(self.space), self.space.max_ratio)
+        return budget.project(lambda v: self.cost_ratios(v, budget.metrics), vec, max_vec)
+
+
+def _data_config_error(config: TaskConfig) -> None:
+    path = config.data.path
+    if path is not None and not Path(path).exists():
+        from autoprune.data import DataError
+
+        raise DataError(f"data path does not exist: {path}")
+
+
+def build_task(
+    config: TaskConfig | dict[str, Any] | str | Path | None = None,
+    overrides: list[str] | None = None,
+    progress: bool = False,
+) -> Task:
+    """Build a task from a config (object, dict, YAML path or None for the embedded default:
+    ResNet-20 on digits, channel granularity, l2 criterion)."""
+    cfg = task_config(config, overrides)
+    get_criterion(cfg.criterion, cfg.granularity)  # cheap checks first
+    resolve_factory(cfg.model.name)
+    if cfg.model.checkpoint is not None and not Path(cfg.model.checkpoint).is_file():
+        from autoprune.models import ModelError
+
+        raise ModelError(f"checkpoint not found: {cfg.model.checkpoint}")
+    _data_config_error(cfg)
+    data = load_data(cfg.data)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model = build_model(cfg.model.name, data.in_channels, data.num_classes, **cfg.model.kwargs)
+    if cfg.model.checkpoint is not None:
+        ckpt = Path(cfg.model.checkpoint)
+    else:
+        ckpt = default_checkpoint(
+            cfg.model.name,
+            cfg.data,
+            cfg.train,
+            model_kwargs=cfg.model.kwargs,
+            device=cfg.device,
+            progress=progress,
+        )
+    load_checkpoint(model, ckpt)
+    model.to(resolve_device(cfg.device))
+    return Task(cfg, model, data, ckpt)

@@ -1,0 +1,179 @@
+"""The default task, the evaluator, budgets, policies, apply and the public API's errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import autoprune as ap
+from autoprune.apply import load_pruned, save_pruned
+from autoprune.costs import measure_macs
+from autoprune.data import DataError
+from autoprune.models import ModelError
+from autoprune.training import evaluate_accuracy, recalibrate_bn
+
+
+def test_default_task_units_and_accuracy(default_task):
+    assert default_task.units[0] == "conv1"
+    assert len(default_task.units) == 12
+    acc, _ = evaluate_accuracy(default_task.model, default_task.data.x_test, default_task.data.y_test)
+    assert acc >= 0.98
+
+
+def test_adaptive_bn_recovers_accuracy(default_task):
+    """EagleEye: 50% of channels removed uniformly; recalibration adds at least 20 points."""
+    task = default_task
+    pruned = task.prune(np.full(len(task.units), 0.5))
+    before, _ = evaluate_accuracy(pruned, task.data.x_search, task.data.y_search)
+    recalibrate_bn(pruned, task.data.x_train, 4, 64)
+    after, _ = evaluate_accuracy(pruned, task.data.x_search, task.data.y_search)
+    assert after >= before + 0.20
+
+
+def test_same_seed_same_evaluation(default_task):
+    vec = np.random.default_rng(3).uniform(0, 0.8, len(default_task.units))
+    a = ap.Evaluator(default_task).evaluate(vec)
+    b = ap.Evaluator(default_task).evaluate(vec)
+    assert (a.accuracy, a.loss, a.flops_ratio) == (b.accuracy, b.loss, b.flops_ratio)
+    assert not a.cached and not b.cached
+
+
+def test_evaluator_cache_and_dense_model_untouched(default_task):
+    before = {k: v.clone() for k, v in default_task.model.state_dict().items()}
+    evaluator = ap.Evaluator(default_task)
+    vec = np.full(len(default_task.units), 0.3)
+    first = evaluator.evaluate(vec)
+    again = evaluator.evaluate(vec + 1e-6)  # same channel counts: served from the cache
+    assert again.cached and again.accuracy == first.accuracy
+    assert first.seconds["total"] > 0 and set(first.seconds) >= {"prune", "recalibrate"}
+    after = default_task.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_budget_projection_meets_budget(default_task):
+    budget = default_task.check_budget("flops=0.25,params=0.5")
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        vec = default_task.project(rng.uniform(0, 0.8, len(default_task.units)), budget)
+        costs = default_task.cost_ratios(vec)
+        assert costs["flops"] <= 0.25 + 1e-9 and costs["params"] <= 0.5 + 1e-9
+        assert (vec >= 0).all() and (vec <= 0.8 + 1e-12).all()
+        pruned = default_task.prune(vec)
+        measured = measure_macs(pruned, default_task.input_shape)
+        assert measured <= 0.25 * default_task.space.dense_macs * 1.01
+
+
+def test_unreachable_budget_names_smallest_reachable(default_task):
+    with pytest.raises(ap.BudgetError, match=r"smallest reachable is flops=0\.0\d+"):
+        default_task.check_budget("flops=0.01")
+    with pytest.raises(ap.BudgetError, match="unknown budget metric"):
+        ap.Budget.parse("energy=0.5")
+    with pytest.raises(ap.BudgetError, match="cannot read budget"):
+        ap.Budget.parse("flops")
+
+
+def test_policy_round_trip_and_refusals(default_task, tmp_path):
+    vec = np.linspace(0, 0.8, len(default_task.units))
+    policy = ap.Policy.from_task(default_task, vec, metrics={"accuracy": 0.9}, searcher="test")
+    path = policy.save(tmp_path / "p.json")
+    loaded = ap.Policy.load(path)
+    assert loaded == policy
+    assert np.allclose(loaded.check(default_task), vec)
+
+    other = json.loads(path.read_text())
+    other["fingerprint"]["model"] = "vgg11"
+    with pytest.raises(ap.PolicyError, match="made for model='vgg11'"):
+        ap.Policy.from_dict(other).check(default_task)
+    other = json.loads(path.read_text())
+    other["ratios"]["layer9.conv"] = 0.1
+    with pytest.raises(ap.PolicyError, match="does not have"):
+        ap.Policy.from_dict(other).check(default_task)
+    other = json.loads(path.read_text())
+    other["ratios"]["conv1"] = 0.95
+    with pytest.raises(ap.PolicyError, match="outside"):
+        ap.Policy.from_dict(other).check(default_task)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ap.PolicyError, match="not valid JSON"):
+        ap.Policy.load(tmp_path / "bad.json")
+
+
+def test_apply_iterative_and_save_load(default_task, tmp_path):
+    vec = default_task.project(np.zeros(len(default_task.units)), ap.Budget.parse("flops=0.5"))
+    policy = ap.Policy.from_task(default_task, vec)
+    result = ap.apply_policy(default_task, policy, finetune_epochs=1, steps=2, latency=False)
+    assert len(result.steps) == 2
+    assert result.after["macs"] == pytest.approx(default_task.space.costs(vec)[0], rel=0.01)
+    assert result.after["test_accuracy"] >= result.pruned_no_finetune["test_accuracy"]
+    path = save_pruned(tmp_path / "pruned.pt", default_task, result.model, policy)
+    model, loaded = load_pruned(path)
+    x = default_task.data.x_test[:32]
+    assert torch.allclose(model(x), result.model.eval()(x), atol=1e-5)
+    assert loaded.ratios == policy.ratios
+
+
+@pytest.mark.parametrize("granularity", ["fine", "nm"])
+def test_masked_granularities_evaluate(granularity: str):
+    task = ap.build_task(overrides=[f"granularity={granularity}", "criterion=magnitude"])
+    vec = np.full(len(task.units), 0.5)
+    result = ap.Evaluator(task).evaluate(vec)
+    assert result.flops_ratio == pytest.approx(0.5, abs=0.02)
+    assert result.accuracy > 0.5
+
+
+def test_bad_input_errors_before_work(tmp_path):
+    with pytest.raises(ModelError, match="unknown model 'resnet99'"):
+        ap.build_task(overrides=["model.name=resnet99"])
+    with pytest.raises(DataError, match="does not exist"):
+        ap.build_task(overrides=["data.name=cifar10", f"data.path={tmp_path / 'nope'}"])
+    with pytest.raises(ap.ConfigError, match="data.path is required"):
+        ap.build_task(overrides=["data.name=npz"])
+    with pytest.raises(ap.ConfigError, match="colour"):
+        ap.build_task({"colour": "red"})
+    with pytest.raises(ValueError, match="unknown criterion"):
+        ap.build_task(overrides=["criterion=l7"])
+    with pytest.raises(ModelError, match="checkpoint not found"):
+        ap.build_task(overrides=[f"model.checkpoint={tmp_path / 'x.pt'}"])
+    bad = tmp_path / "vgg.pt"
+    torch.save(ap.build_task().model.state_dict(), bad)
+    with pytest.raises(ModelError, match="missing keys"):
+        ap.build_task(overrides=["model.name=vgg11", f"model.checkpoint={bad}"])
+
+
+def test_yaml_config(tmp_path):
+    cfg = tmp_path / "task.yaml"
+    cfg.write_text("model:\n  name: resnet20\ngranularity: channel\ncriterion: l1\n")
+    assert ap.task_config(cfg).criterion == "l1"
+    cfg.write_text("model: [unclosed\n")
+    with pytest.raises(ap.ConfigError, match="malformed YAML"):
+        ap.task_config(cfg)
+
+
+def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "autoprune.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def test_cli_demo_and_errors(tmp_path, default_task):
+    out = tmp_path / "best.json"
+    run = _cli("demo", "--evaluations", "4", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    assert "best per-unit ratios" in run.stdout and "layer3.2.conv1" in run.stdout
+    policy = ap.Policy.load(out)
+    assert policy.budget == {"flops": 0.5}
+    assert ap.Evaluator(default_task).evaluate(policy.check(default_task)).flops_ratio <= 0.5
+
+    bad = _cli("demo", "--budget", "flops=0.01")
+    assert bad.returncode == 2 and "smallest reachable" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    bad = _cli("units", "model.name=nope")
+    assert bad.returncode == 2 and "unknown model 'nope'" in bad.stderr
