@@ -59,7 +59,7 @@ def _ratio_table(title: str, ratios: dict[str, float], task: Any) -> Table:
         table.add_column(col, justify="left" if col in ("unit", "kind") else "right")
     for unit in task.space.units:
         r = ratios[unit.name]
-        kept = unit.size - int(round(r * unit.size))
+        kept = unit.size - round(r * unit.size)
         table.add_row(unit.name, unit.kind, str(unit.size), f"{r:.3f}", str(kept))
     return table
 
@@ -289,11 +289,8 @@ def main() -> None:
     except Exception as exc:  # one clear line; the traceback only with --debug
         if STATE["debug"]:
             raise
-        name = type(exc).__name__
-        if name in ("UsageError", "BadParameter", "NoSuchOption", "MissingParameter"):
-            err.print(f"error: {getattr(exc, 'format_message', lambda: str(exc))()}")
-        else:
-            err.print(f"error: {exc}")
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        err.print(f"error: {message}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -85,6 +85,9 @@ class EvalConfig(_Strict):
     bn_batch_size: int = Field(default=64, ge=1)
     batch_size: int = Field(default=512, ge=1, description="Batch size for accuracy.")
     latency: bool = Field(default=False, description="Measure latency of every pruned model.")
+    latency_batch_size: int = Field(
+        default=1, ge=1, description="Batch size of latency measurements and the lookup table."
+    )
     cache_size: int = Field(default=4096, ge=0)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -68,9 +69,8 @@ def _check_positive(**values: int | None) -> None:
 
 def _model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for a stateless model)."""
-    for tensor in [*model.parameters(), *model.buffers()]:
-        return tensor.device
-    return torch.device("cpu")
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 @contextmanager
@@ -606,9 +606,14 @@ class LatencyTable:
         Every ``nn.Conv2d`` / ``nn.Linear`` the forward pass runs is timed as a standalone
         replica (same kernel, stride, padding, dilation, bias; depthwise stays depthwise; the
         BatchNorm2d + activation that follow it when the call order shows them) at ``grid``
-        channel counts per dimension, with ``threads`` torch threads. The cache file name is a
-        hash of the layers and shapes, the arguments (except ``repeats``), torch's version and
-        the CPU; a changed model or machine therefore never reads a stale table.
+        channel counts per dimension, with ``threads`` torch threads; identical layers are timed
+        once. Each grid is timed round-robin, then all grids are rescaled to the dense model
+        timed in the same rounds as their dense corners, so a shared machine's changing speed
+        does not leak into the overhead (see :func:`_calibrate`).
+
+        The file ``cache_dir/<key>.json`` is named by a hash of the layers and shapes, the
+        arguments (except ``repeats``), torch's version and the CPU, so a changed model or
+        machine never reads a stale table; it is written atomically.
         """
         shape = _check_shape(input_shape)
         _check_positive(threads=threads, batch_size=batch_size, repeats=repeats)

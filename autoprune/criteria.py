@@ -154,6 +154,7 @@ def gradient_moments(ctx: CriterionContext) -> tuple[dict[str, torch.Tensor], ..
         F.cross_entropy(ctx.model(xb), yb).backward()
         for n, m in layers.items():
             w = m.weight_orig if hasattr(m, "weight_orig") else m.weight
+            assert isinstance(w, torch.Tensor)
             if w.grad is not None:
                 g1[n] += w.grad / len(batches)
                 g2[n] += w.grad.pow(2) / len(batches)

@@ -13,9 +13,9 @@ import functools
 import math
 import pickle
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -51,11 +51,11 @@ class DataSplits:
 
     def clone(self) -> DataSplits:
         """A copy whose tensors share no memory with this one."""
-        return replace(self, **{k: v.clone() for k, v in self._tensors().items()})
+        return self._map(Tensor.clone)
 
     def to(self, device: torch.device | str) -> DataSplits:
         """A copy with every tensor on ``device`` (e.g. to keep a GPU evaluator's data resident)."""
-        return replace(self, **{k: v.to(device) for k, v in self._tensors().items()})
+        return self._map(lambda t: t.to(device))
 
     def subset(self, split: str, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
         """A deterministic random sample of ``n`` images (all if fewer) of one split."""
@@ -67,8 +67,16 @@ class DataSplits:
         idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
         return x[idx], y[idx]
 
-    def _tensors(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name[:2] in ("x_", "y_")}
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> DataSplits:
+        return replace(
+            self,
+            x_train=fn(self.x_train),
+            y_train=fn(self.y_train),
+            x_search=fn(self.x_search),
+            y_search=fn(self.y_search),
+            x_test=fn(self.x_test),
+            y_test=fn(self.y_test),
+        )
 
 
 @dataclass
@@ -147,7 +155,7 @@ def _cifar_folder(path: Path) -> Path:
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles only dicts, lists and numpy arrays: a data file must not be able to run code."""
 
-    _ALLOWED = {
+    _ALLOWED: ClassVar[set[tuple[str, str]]] = {
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "_reconstruct"),

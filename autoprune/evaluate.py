@@ -117,7 +117,9 @@ class Evaluator:
         if self.measure_latency:
             from autoprune.costs import measure_latency
 
-            result.latency_ms = 1e3 * measure_latency(model, self.task.input_shape, repeats=20)
+            batch = self.task.config.eval.latency_batch_size
+            shape = self.task.input_shape
+            result.latency_ms = 1e3 * measure_latency(model, shape, batch, repeats=20)
         t4 = time.perf_counter()
         result.seconds = {
             "prune": t1 - t0,

@@ -74,7 +74,7 @@ def light_copy(module: nn.Module) -> nn.Module:
     """
     clone = module.__class__.__new__(module.__class__)
     state = {k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
-    state["_buffers"] = {k: (b.clone() if b is not None else None) for k, b in module._buffers.items()}
+    state["_buffers"] = {k: (b.clone() if b is not None else b) for k, b in module._buffers.items()}
     state["_modules"] = {
         k: (light_copy(m) if m is not None else None) for k, m in module._modules.items()
     }

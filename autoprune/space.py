@@ -326,13 +326,18 @@ class PruningSpace:
         shared by pruning and costs, so analytic and measured costs agree)."""
         sizes = self._sizes
         if self.granularity == "nm":
-            keep_n = np.clip(self.nm_m - np.rint(ratios * self.nm_m), 1, self.nm_m)
-            return (sizes * (self.nm_m - keep_n) / self.nm_m).astype(np.int64)
+            m = self.nm_m
+            floor_n = max(1, m - int(np.floor(self.max_ratio * m + 1e-9)))
+            keep_n = np.clip(m - np.rint(ratios * m), floor_n, m)
+            return (sizes * (m - keep_n) / m).astype(np.int64)
+        most = np.floor(self.max_ratio * sizes + 1e-9)  # achieved ratios never pass max_ratio
+        removed = np.minimum(np.rint(ratios * sizes), most)
         if self.granularity == "fine":
-            return np.rint(ratios * sizes).astype(np.int64)
-        keep = sizes - np.rint(ratios * sizes)
+            return removed.astype(np.int64)
+        keep = sizes - removed
         if self.round_to > 1:
-            keep = np.maximum(np.rint(keep / self.round_to) * self.round_to, self.round_to)
+            keep = np.rint(keep / self.round_to) * self.round_to
+            keep = np.maximum(keep, np.ceil((sizes - most) / self.round_to) * self.round_to)
             keep = np.minimum(keep, sizes)
         keep = np.maximum(keep, 1)
         return (sizes - keep).astype(np.int64)

@@ -135,7 +135,8 @@ class Task:
             )
         from autoprune.costs import LatencyTable
 
-        return LatencyTable.build(self.model, self.input_shape, threads=1)
+        batch = self.config.eval.latency_batch_size
+        return LatencyTable.build(self.model, self.input_shape, threads=1, batch_size=batch)
 
     @cached_property
     def dense_latency_predicted(self) -> float:

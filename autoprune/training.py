@@ -141,9 +141,11 @@ def _run_epoch(
 def add_bn_l1_subgradient(model: nn.Module, strength: float) -> None:
     """Network slimming: the subgradient of ``strength * sum |gamma|`` added to BN weight grads."""
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
-            if m.weight.grad is not None:
-                m.weight.grad.add_(torch.sign(m.weight.detach()), alpha=strength)
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+            continue
+        gamma: Tensor | None = m.weight
+        if gamma is not None and gamma.grad is not None:
+            gamma.grad.add_(torch.sign(gamma.detach()), alpha=strength)
 
 
 def random_shift(x: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -62,7 +62,7 @@ def test_search_size_too_big() -> None:
 
 
 def _write_npz(path: Path, **arrays: np.ndarray) -> Path:
-    np.savez(path, **arrays)
+    np.savez(path, **arrays)  # type: ignore[arg-type]
     return path
 
 
@@ -100,11 +100,11 @@ def test_npz_layouts_without_test_split(tmp_path: Path, shape: tuple[int, ...]) 
 
 
 def test_npz_errors(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="npz file not found: .*missing.npz"):
+    with pytest.raises(DataError, match=r"npz file not found: .*missing\.npz"):
         load_data(DataConfig(name="npz", path=str(tmp_path / "missing.npz")))
     x = np.zeros((50, 8, 8), np.float32)
     bad = _write_npz(tmp_path / "a.npz", x_train=x, labels=np.zeros(50))
-    with pytest.raises(DataError, match="lacks array.*y_train"):
+    with pytest.raises(DataError, match=r"lacks array.*y_train"):
         load_data(DataConfig(name="npz", path=str(bad), search_size=10))
     bad = _write_npz(tmp_path / "b.npz", x_train=x, y_train=np.zeros(49, np.int64))
     with pytest.raises(DataError, match="50 images but y_train 49"):
@@ -145,7 +145,7 @@ def test_cifar10_fake_batches(tmp_path: Path, sub: bool) -> None:
 
 
 def test_cifar10_errors(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="cifar10 folder not found: .*nowhere"):
+    with pytest.raises(DataError, match=r"cifar10 folder not found: .*nowhere"):
         load_data(DataConfig(name="cifar10", path=str(tmp_path / "nowhere")))
     folder = _write_cifar(tmp_path / "cifar")
     (folder / "test_batch").unlink()

@@ -21,6 +21,7 @@ from autoprune.models import (
     load_checkpoint,
 )
 
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("in_channels", [1, 3])
 def test_zoo_model_forwards_at_every_size(name: str, in_channels: int) -> None:
@@ -52,9 +53,7 @@ def test_activations_are_modules(name: str) -> None:
 def test_resnet_depths_and_shortcuts() -> None:
     def convs(name: str) -> int:
         model = build_model(name, 3, 10)
-        return sum(
-            isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for m in model.modules()
-        )
+        return sum(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for m in model.modules())
 
     assert [convs(n) for n in ("resnet20", "resnet32", "resnet56")] == [19, 31, 55]
     projections = [
@@ -132,7 +131,7 @@ def test_factory_string_errors(factory_module: str, spec: str, message: str) -> 
 
 
 def test_classifier_name_without_linear() -> None:
-    with pytest.raises(ModelError, match="no nn.Linear"):
+    with pytest.raises(ModelError, match=r"no nn\.Linear"):
         classifier_name(nn.Sequential(nn.Conv2d(1, 2, 3)))
 
 

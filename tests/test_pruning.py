@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -147,7 +149,7 @@ def test_ramp_schedule():
     target = np.array([0.2, 0.8])
     steps = ramp(target, 3)
     assert np.allclose(steps[-1], target)
-    assert all((a <= b).all() for a, b in zip(steps, steps[1:], strict=False))
+    assert all((a <= b).all() for a, b in itertools.pairwise(steps))
     assert np.allclose(ramp(target, 2, "linear")[0], target / 2)
     with pytest.raises(ValueError):
         ramp(target, 0)

@@ -21,7 +21,8 @@ from autoprune.training import evaluate_accuracy, recalibrate_bn
 def test_default_task_units_and_accuracy(default_task):
     assert default_task.units[0] == "conv1"
     assert len(default_task.units) == 12
-    acc, _ = evaluate_accuracy(default_task.model, default_task.data.x_test, default_task.data.y_test)
+    data = default_task.data
+    acc, _ = evaluate_accuracy(default_task.model, data.x_test, data.y_test)
     assert acc >= 0.98
 
 
@@ -87,7 +88,7 @@ def test_policy_round_trip_and_refusals(default_task, tmp_path):
 
     other = json.loads(path.read_text())
     other["fingerprint"]["model"] = "vgg11"
-    with pytest.raises(ap.PolicyError, match="made for model='vgg11'"):
+    with pytest.raises(ap.PolicyError, match=r"made for model='vgg11'"):
         ap.Policy.from_dict(other).check(default_task)
     other = json.loads(path.read_text())
     other["ratios"]["layer9.conv"] = 0.1
@@ -130,7 +131,7 @@ def test_bad_input_errors_before_work(tmp_path):
         ap.build_task(overrides=["model.name=resnet99"])
     with pytest.raises(DataError, match="does not exist"):
         ap.build_task(overrides=["data.name=cifar10", f"data.path={tmp_path / 'nope'}"])
-    with pytest.raises(ap.ConfigError, match="data.path is required"):
+    with pytest.raises(ap.ConfigError, match=r"data\.path is required"):
         ap.build_task(overrides=["data.name=npz"])
     with pytest.raises(ap.ConfigError, match="colour"):
         ap.build_task({"colour": "red"})

@@ -26,7 +26,7 @@ from autoprune.training import (
 )
 
 
-def tiny_net(in_channels: int = 1, num_classes: int = 10, width: int = 8) -> nn.Module:
+def tiny_net(in_channels: int = 1, num_classes: int = 10, width: int = 8) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
         nn.BatchNorm2d(width),
@@ -113,8 +113,8 @@ def test_evaluate_accuracy_bounds_and_mode(digits: DataSplits) -> None:
 
 def test_tiny_model_trains_above_chance(digits: DataSplits) -> None:
     torch.manual_seed(0)
-    model = tiny_net(width=16)
-    cfg = TrainConfig(epochs=3, batch_size=64, lr=0.1)
+    model = tiny_net(width=32)
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=0.1)
     history = train(model, digits, cfg)
     assert len(history["train_loss"]) == 3
     assert history["train_loss"][-1] < history["train_loss"][0]
@@ -137,11 +137,10 @@ def test_bn_l1_shrinks_gammas(digits: DataSplits) -> None:
         torch.manual_seed(0)
         model = tiny_net(width=16)
         train(model, digits, TrainConfig(epochs=2, bn_l1=bn_l1, augment=False))
-        return sum(
-            float(m.weight.abs().sum()) for m in model.modules() if isinstance(m, nn.BatchNorm2d)
-        )
+        gammas = [m.weight.detach() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        return float(sum(g.abs().sum() for g in gammas))
 
-    assert gamma_l1(1e-2) < 0.8 * gamma_l1(0.0)
+    assert gamma_l1(0.1) < 0.7 * gamma_l1(0.0)
 
 
 def test_random_shift_moves_content() -> None:
@@ -161,13 +160,16 @@ def test_fine_tune_respects_prune_masks(digits: DataSplits) -> None:
     conv = model[3]
     assert isinstance(conv, nn.Conv2d)
     prune.l1_unstructured(conv, "weight", amount=0.5)
+    before = conv.weight.detach().clone()
     history = fine_tune(model, digits, epochs=1, lr=0.05, max_batches=5)
     assert history["batches"] == 5
     assert len(history["train_loss"]) == 1
-    mask = conv.weight_mask.bool()
+    mask: torch.Tensor = getattr(conv, "weight_mask").bool()  # noqa: B009 (typed access)
     model(digits.x_train[:2])  # the forward pre-hook recomputes weight from weight_orig
-    assert torch.count_nonzero(conv.weight[~mask]) == 0
-    assert torch.count_nonzero(conv.weight[mask]) == int(mask.sum())
+    weight = conv.weight.detach()
+    assert torch.count_nonzero(weight[~mask]) == 0
+    assert torch.count_nonzero(weight[mask]) == int(mask.sum())
+    assert not torch.equal(weight[mask], before[mask])  # the kept weights did train
 
 
 def test_fine_tune_epochs_without_cap(digits: DataSplits) -> None:

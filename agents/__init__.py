@@ -1,0 +1,1 @@
+"""Search agents of autoprune (installed as ``autoprune.agents``)."""

@@ -1,0 +1,202 @@
+"""PruningEnv: layer-by-layer pruning-ratio decisions as a Gymnasium environment (AMC)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from autoprune.envs.rewards import Reward, get_reward
+from gymnasium import spaces
+
+from autoprune.budget import Budget
+from autoprune.evaluate import Evaluation, Evaluator
+from autoprune.space import UNIT_KINDS
+from autoprune.task import Task, build_task
+
+FEATURES = (
+    "index", "kind", "in_channels", "out_channels", "stride", "kernel", "fmap", "macs",
+    "reduced", "rest", "previous_action",
+)  # fmt: skip
+STATIC = FEATURES[:8]
+CLIP_ITERATIONS = 14
+
+
+class PruningEnv(gym.Env):
+    """Choose a pruning ratio for each unit of a network, one unit per step (AMC, ECCV 2018).
+
+    ## Description
+    The agent walks the network's units (channel groups, or weight tensors for fine-grained and
+    N:M tasks) in network order and picks the fraction of each to remove. When every unit has
+    a ratio, the evaluator prunes a copy of the model, recalibrates batch norm and measures
+    accuracy on the search split; that result is the episode's reward.
+
+    ## Action Space
+    ``Box(-1, 1, (1,), float32)``: mapped linearly to a ratio in ``[0, max_ratio]``
+    (``max_ratio`` defaults to the task's, 0.8). Before it is taken the ratio is clipped (AMC's
+    action clipping) so that the budget stays reachable if every later unit is pruned to
+    ``max_ratio``; the ratio actually applied is ``info["ratio"]``. Any action sequence therefore
+    ends with a policy that meets the budget.
+
+    ## Observation Space
+    ``Box(0, 1, (11,), float32)``, AMC's layer embedding, each feature scaled to [0, 1] over the
+    model's units: unit index, unit kind (conv, depthwise conv, linear), input channels, output
+    channels, stride, kernel size, input feature-map size, the unit's MACs, the cost already
+    removed by earlier decisions, the cost of the units still to come, and the previous action.
+
+    ## Rewards
+    0.0 on every step but the last; then ``reward(evaluation)``: ``acc`` (search accuracy; the
+    budget is guaranteed by clipping), ``acc_log_flops`` / ``acc_log_params`` /
+    ``acc_log_latency`` (``-error * log(cost ratio)``), or any callable of an
+    :class:`~autoprune.evaluate.Evaluation`.
+
+    ## Starting State
+    The first unit, nothing pruned yet.
+
+    ## Episode End
+    ``terminated=True`` after the last unit; the environment never truncates by itself. The last
+    ``info`` holds ``policy`` (ratios by unit name), ``accuracy``, ``loss``, the achieved cost
+    ratios (``flops_ratio``, ``params_ratio`` and, for latency budgets, ``latency_ratio``) and
+    ``eval_seconds``.
+
+    ## Arguments
+    ``task`` (a :class:`~autoprune.task.Task`, a config dict / YAML path, or None for the
+    embedded default: ResNet-20 on digits, channel, l2), ``budget`` (``"flops=0.5"``,
+    ``"flops=0.5,params=0.6"`` or a :class:`~autoprune.budget.Budget`), ``reward``,
+    ``max_ratio``, ``evaluator`` (to share one between environments).
+    """
+
+    metadata = {"render_modes": []}  # noqa: RUF012  (Gymnasium's own convention)
+    # Class-level spaces, the Gymnasium way: they do not depend on the model.
+    action_space = spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)  # type: ignore[misc]
+    observation_space = spaces.Box(0.0, 1.0, shape=(len(FEATURES),), dtype=np.float32)  # type: ignore[misc]
+
+    def __init__(
+        self,
+        task: Task | Mapping[str, Any] | str | None = None,
+        budget: Budget | str | Mapping[str, float] = "flops=0.5",
+        reward: str | Reward = "acc",
+        max_ratio: float | None = None,
+        evaluator: Evaluator | None = None,
+    ) -> None:
+        super().__init__()
+        self.reward_name, self.reward_fn = get_reward(reward)  # cheap checks first
+        self.task = task if isinstance(task, Task) else build_task(task)  # type: ignore[arg-type]
+        space = self.task.space
+        self.max_ratio = float(space.max_ratio if max_ratio is None else max_ratio)
+        if not 0 < self.max_ratio <= space.max_ratio:
+            raise ValueError(f"max_ratio must be in (0, {space.max_ratio}], got {self.max_ratio}")
+        self.budget = Budget.parse(budget)
+        self._metrics = tuple(dict.fromkeys([*self.budget.metrics, "flops", "params"]))
+        self._check_budget()
+        needs_latency = "latency" in self.budget.metrics or self.reward_name == "acc_log_latency"
+        self.evaluator = evaluator or Evaluator(self.task, predict_latency=needs_latency)
+        self._static = self._static_features()
+        macs = np.array([u.macs for u in space.units], dtype=np.float64)
+        self._rest = (macs.sum() - np.cumsum(macs)) / macs.sum()
+        self._n = len(space)
+        self._t = 0
+        self._ratios = np.zeros(self._n)
+        self._prev = 0.0
+
+    # ------------------------------------------------------------- set-up
+    def _cost(self, vec: np.ndarray) -> dict[str, float]:
+        return self.task.cost_ratios(vec, self._metrics)
+
+    def _check_budget(self) -> None:
+        floor = np.full(len(self.task.space), self.max_ratio)
+        self.budget.check_reachable(self._cost, floor)
+
+    def _static_features(self) -> np.ndarray:
+        rows = np.array(
+            [[u.features()[f] for f in STATIC] for u in self.task.space.units], dtype=np.float64
+        )
+        rows[:, 1] /= max(1, len(UNIT_KINDS) - 1)  # kind: a fixed scale, not the model's span
+        lo, hi = rows.min(axis=0), rows.max(axis=0)
+        span = np.where(hi > lo, hi - lo, 1.0)
+        scaled = (rows - lo) / span
+        scaled[:, 1] = rows[:, 1]
+        return scaled
+
+    # ------------------------------------------------------------ gym API
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        self._t = 0
+        self._ratios = np.zeros(self._n)
+        self._prev = 0.0
+        return self._observation(), {"unit": self.task.space.units[0].name}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        if self._t >= self._n:
+            raise RuntimeError("step() called after the episode ended; call reset()")
+        a = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], -1.0, 1.0))
+        proposed = (a + 1.0) / 2.0 * self.max_ratio
+        ratio = self._clip(proposed)
+        t = self._t
+        self._ratios[t] = ratio
+        self._prev = ratio / self.max_ratio
+        self._t += 1
+        info: dict[str, Any] = {
+            "unit": self.task.space.units[t].name,
+            "proposed": proposed,
+            "ratio": ratio,
+        }
+        if self._t < self._n:
+            return self._observation(), 0.0, False, False, info
+        evaluation = self._finish()
+        info.update(self._terminal_info(evaluation))
+        return self._observation(), float(self.reward_fn(evaluation)), True, False, info
+
+    # ----------------------------------------------------------- internals
+    def _clip(self, proposed: float) -> float:
+        """AMC's action clipping: the smallest ratio >= proposed that keeps the budget reachable
+        with every later unit at max_ratio (bisection; costs are monotone in the ratio)."""
+        vec = self._ratios.copy()
+        vec[self._t + 1 :] = self.max_ratio
+        vec[self._t] = proposed
+        if self.budget.met_by(self._cost(vec)):
+            return proposed
+        lo, hi = proposed, self.max_ratio
+        for _ in range(CLIP_ITERATIONS):
+            vec[self._t] = (lo + hi) / 2
+            if self.budget.met_by(self._cost(vec)):
+                hi = vec[self._t]
+            else:
+                lo = vec[self._t]
+        return float(hi)
+
+    def _finish(self) -> Evaluation:
+        if not self.budget.met_by(self._cost(self._ratios)):  # guard against rounding
+            self._ratios = self.task.project(self._ratios, self.budget)
+        return self.evaluator.evaluate(self._ratios)
+
+    def _terminal_info(self, e: Evaluation) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "policy": dict(e.ratios),
+            "accuracy": e.accuracy,
+            "loss": e.loss,
+            "flops_ratio": e.flops_ratio,
+            "params_ratio": e.params_ratio,
+            "eval_seconds": e.seconds.get("total", 0.0),
+            "cached": e.cached,
+        }
+        if e.latency_ratio is not None:
+            info["latency_ratio"] = e.latency_ratio
+        return info
+
+    def _observation(self) -> np.ndarray:
+        t = min(self._t, self._n - 1)
+        done = self._ratios.copy()
+        done[self._t :] = 0.0
+        reduced = 1.0 - self.task.space.cost_ratios(done)["flops"]
+        rest = self._rest[t - 1] if self._t >= self._n else self._rest[t]
+        obs = np.concatenate([self._static[t], [reduced, rest, self._prev]])
+        return np.clip(obs, 0.0, 1.0).astype(np.float32)
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        """Ratios applied so far in this episode, by unit name."""
+        return self.task.ratios_dict(self._ratios)

@@ -1,0 +1,62 @@
+"""Reward functions of the pruning environment (AMC, He et al. 2018), behind a registry.
+
+Each reward is a small function of the terminal evaluation. Use ``acc`` with a hard budget
+(budget-constrained search: the budget is guaranteed by action clipping, so the reward only has
+to rank accuracy) and the ``acc_log_*`` rewards for accuracy-guaranteed search, where the agent
+also gains from removing more cost: ``-error * log(cost)`` (AMC's R_FLOPs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from autoprune.evaluate import Evaluation
+
+Reward = Callable[[Evaluation], float]
+REWARDS: dict[str, Reward] = {}
+
+
+def register(name: str) -> Callable[[Reward], Reward]:
+    def wrap(fn: Reward) -> Reward:
+        REWARDS[name] = fn
+        return fn
+
+    return wrap
+
+
+@register("acc")
+def acc(e: Evaluation) -> float:
+    """Accuracy on the search split (AMC's acc_reward)."""
+    return float(e.accuracy)
+
+
+def _log_cost(error: float, cost: float | None, name: str) -> float:
+    if cost is None:
+        raise ValueError(f"reward needs the {name} ratio, which this evaluation lacks")
+    return float(-error * math.log(max(cost, 1e-6)))
+
+
+@register("acc_log_flops")
+def acc_log_flops(e: Evaluation) -> float:
+    """-error * log(FLOPs ratio): rewards both accuracy and a smaller model (AMC's R_FLOPs)."""
+    return _log_cost(1.0 - e.accuracy, e.flops_ratio, "flops")
+
+
+@register("acc_log_params")
+def acc_log_params(e: Evaluation) -> float:
+    return _log_cost(1.0 - e.accuracy, e.params_ratio, "params")
+
+
+@register("acc_log_latency")
+def acc_log_latency(e: Evaluation) -> float:
+    return _log_cost(1.0 - e.accuracy, e.latency_ratio, "latency")
+
+
+def get_reward(reward: str | Reward) -> tuple[str, Reward]:
+    """A registered reward by name, or a user's callable (name taken from the function)."""
+    if callable(reward):
+        return getattr(reward, "__name__", "custom"), reward
+    if reward not in REWARDS:
+        raise ValueError(f"unknown reward {reward!r}; choose from {sorted(REWARDS)} or a callable")
+    return reward, REWARDS[reward]
