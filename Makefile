@@ -24,8 +24,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q -x --durations=15
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check autoprune envs agents tests experiments
+	$(VENV)/bin/ruff format --check autoprune envs agents tests experiments
 	$(VENV)/bin/mypy autoprune envs agents
 
 bench: $(STAMP)
