@@ -11,6 +11,8 @@ import pytest
 import torch
 from autoprune.envs import ENV_ID, PruningEnv
 from gymnasium.utils.env_checker import check_env
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import autoprune as ap
@@ -151,3 +153,18 @@ def test_bad_input(default_task, folder: Path):
         PruningEnv(zoo_task("resnet20", folder, "fine"), budget="latency=0.5")
     with pytest.raises(ap.BudgetError, match="unknown budget metric"):
         PruningEnv(default_task, budget="energy=0.5")
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    metric=st.sampled_from(["flops", "params"]),
+    limit=st.floats(0.2, 0.9),
+    actions=st.lists(st.floats(-1, 1, width=32), min_size=12, max_size=12),
+)
+def test_property_any_actions_meet_the_budget(default_task, metric, limit, actions):
+    env = PruningEnv(default_task, budget={metric: limit})
+    _, info = _run(env, np.array(actions))
+    assert _measured(default_task, env, info, metric) <= limit * 1.01
+    assert all(0 <= r <= default_task.space.max_ratio for r in info["policy"].values())

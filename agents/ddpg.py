@@ -1,0 +1,304 @@
+"""``ddpg``: the AMC agent, stable-baselines3 DDPG on PruningEnv (He et al., ECCV 2018).
+
+AMC's recipe is added through SB3's extension points, without forking SB3:
+
+- **warm-up**: ``learning_starts`` = ``warmup_episodes`` x units, with uniform random actions;
+- **exploration**: a truncated normal around the actor's action (:class:`TruncatedNormalNoise`,
+  used by :meth:`AMCDDPG._sample_action`), sigma 0.5 on AMC's [0, 1] action scale decaying by
+  0.95 per episode after warm-up (:class:`NoiseDecay` callback);
+- **episode credit**: the episode's final reward is credited to every transition of that episode,
+  minus a moving-average baseline (:class:`EpisodeCreditBuffer`, a replay buffer);
+- **two learning rates**: actor 1e-4, critic 1e-3 (:meth:`AMCDDPG._update_learning_rate`);
+- 300-300 actor and critic, tau 0.01, batch 64, gamma 1.0.
+
+Every piece is an option, so ``algo="td3"``, ``noise="normal"``, ``episode_credit=False``,
+``baseline=False`` and ``warmup_episodes=0`` give plain SB3 DDPG / TD3.
+
+With the reward credited to every step, each transition's target is that reward itself
+(``bootstrap=False``, the default): the critic learns the final reward of the episode a
+(state, action) pair leads to, and gamma does not compound the same reward over the remaining
+steps. ``bootstrap=True`` keeps SB3's usual TD target.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from autoprune.agents.base import Searcher, SearchError
+from autoprune.agents.registry import register
+from autoprune.envs import PruningEnv
+from gymnasium import spaces
+from scipy.stats import truncnorm
+from stable_baselines3 import DDPG, TD3
+from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.noise import ActionNoise, NormalActionNoise
+from stable_baselines3.common.utils import update_learning_rate
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+
+class TruncatedNormalNoise(ActionNoise):
+    """AMC's exploration: sample around the actor's action from a normal truncated to [-1, 1].
+
+    ``sigma`` is on AMC's [0, 1] action scale (0.5 there); our actions span [-1, 1], so the
+    normal's scale is ``2 * sigma``.
+    """
+
+    def __init__(self, sigma: float, seed: int = 0) -> None:
+        super().__init__()
+        self.sigma = float(sigma)
+        self.rng = np.random.default_rng(seed)
+
+    def around(self, action: np.ndarray) -> np.ndarray:
+        scale = max(2.0 * self.sigma, 1e-6)
+        lo, hi = (-1.0 - action) / scale, (1.0 - action) / scale
+        return truncnorm.rvs(lo, hi, loc=action, scale=scale, random_state=self.rng)
+
+    def __call__(self) -> np.ndarray:  # SB3's additive interface: centred noise
+        return self.around(np.zeros(1))
+
+    def __repr__(self) -> str:
+        return f"TruncatedNormalNoise(sigma={self.sigma:.4f})"
+
+
+class EpisodeCreditBuffer(ReplayBuffer):
+    """A replay buffer that stores an episode's transitions when it ends, each with the episode's
+    final reward minus a moving-average baseline (AMC). Storage is single-env internally, so any
+    number of parallel environments works."""
+
+    def __init__(
+        self,
+        buffer_size: int,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        device: torch.device | str = "auto",
+        n_envs: int = 1,
+        optimize_memory_usage: bool = False,
+        handle_timeout_termination: bool = True,
+        baseline_alpha: float | None = 0.95,
+        bootstrap: bool = False,
+    ) -> None:
+        super().__init__(
+            buffer_size, observation_space, action_space, device, n_envs=1,
+            optimize_memory_usage=optimize_memory_usage,
+            handle_timeout_termination=handle_timeout_termination,
+        )  # fmt: skip
+        self.parallel_envs = n_envs
+        self.baseline_alpha = baseline_alpha
+        self.bootstrap = bootstrap
+        self.moving_average: float | None = None
+        self._pending: list[list[tuple[Any, ...]]] = [[] for _ in range(n_envs)]
+
+    def credit(self, reward: float) -> float:
+        """The reward credited to every step of an episode (baseline subtracted)."""
+        if self.baseline_alpha is None:
+            return reward
+        if self.moving_average is None:
+            self.moving_average = reward
+        else:
+            self.moving_average += (1 - self.baseline_alpha) * (reward - self.moving_average)
+        return reward - self.moving_average
+
+    def add(  # type: ignore[override]
+        self,
+        obs: np.ndarray,
+        next_obs: np.ndarray,
+        action: np.ndarray,
+        reward: np.ndarray,
+        done: np.ndarray,
+        infos: list[dict[str, Any]],
+    ) -> None:
+        action = np.asarray(action).reshape(len(done), -1)
+        for i in range(len(done)):
+            self._pending[i].append((obs[i], next_obs[i], action[i], infos[i]))
+            if not done[i]:
+                continue
+            credited = self.credit(float(reward[i]))
+            episode, self._pending[i] = self._pending[i], []
+            for t, (o, o2, a, info) in enumerate(episode):
+                last = t == len(episode) - 1
+                terminal = last or not self.bootstrap
+                super().add(
+                    o[None], o2[None], a[None], np.array([credited]), np.array([terminal]), [info]
+                )
+
+
+class AMCDDPG(DDPG):
+    """SB3 DDPG with separate actor / critic learning rates and truncated-normal exploration."""
+
+    def __init__(self, *args: Any, critic_lr: float | None = None, **kwargs: Any) -> None:
+        self.critic_lr = critic_lr
+        super().__init__(*args, **kwargs)
+
+    def _update_learning_rate(self, optimizers: Any) -> None:
+        if self.critic_lr is None or not isinstance(optimizers, list) or len(optimizers) != 2:
+            super()._update_learning_rate(optimizers)
+            return
+        actor, critic = optimizers
+        update_learning_rate(actor, self.lr_schedule(self._current_progress_remaining))
+        update_learning_rate(critic, self.critic_lr)
+
+    def _sample_action(
+        self, learning_starts: int, action_noise: ActionNoise | None = None, n_envs: int = 1
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if self.num_timesteps < learning_starts:
+            action = np.array([self.action_space.sample() for _ in range(n_envs)])
+            return action, self.policy.scale_action(action)
+        if not isinstance(action_noise, TruncatedNormalNoise):
+            return super()._sample_action(learning_starts, action_noise, n_envs)
+        assert self._last_obs is not None
+        unscaled, _ = self.predict(self._last_obs, deterministic=True)
+        scaled = action_noise.around(self.policy.scale_action(unscaled))
+        return self.policy.unscale_action(scaled), scaled
+
+
+class NoiseDecay(BaseCallback):
+    """Decays the exploration sigma by ``decay`` after every episode past the warm-up, and
+    reports every finished episode to the searcher."""
+
+    def __init__(self, searcher: DDPGSearcher, warmup: int, decay: float) -> None:
+        super().__init__()
+        self.searcher = searcher
+        self.warmup = warmup
+        self.decay = decay
+        self.episodes = 0
+
+    def _on_step(self) -> bool:
+        for done, info in zip(self.locals["dones"], self.locals["infos"], strict=True):
+            if not done:
+                continue
+            self.episodes += 1
+            self.searcher.episode_done(info, warmup=self.episodes <= self.warmup)
+            noise = self.model.action_noise
+            if self.episodes > self.warmup and isinstance(noise, TruncatedNormalNoise):
+                noise.sigma *= self.decay
+            elif self.episodes > self.warmup and isinstance(noise, NormalActionNoise):
+                noise._sigma = noise._sigma * self.decay
+        return self.searcher.remaining is None or self.searcher.remaining > 0
+
+
+@register
+class DDPGSearcher(Searcher):
+    """The AMC agent. ``evaluations`` = episodes (one evaluation each)."""
+
+    name = "ddpg"
+    needs_evaluations = True
+    defaults: dict[str, Any] = {  # noqa: RUF012
+        "algo": "ddpg",  # or td3
+        "reward": "acc",
+        "warmup_episodes": 100,
+        "noise": "truncated_normal",  # normal | none
+        "sigma": 0.5,
+        "sigma_decay": 0.95,
+        "episode_credit": True,
+        "baseline": True,
+        "baseline_alpha": 0.95,
+        "bootstrap": False,
+        "actor_lr": 1e-4,
+        "critic_lr": 1e-3,
+        "tau": 0.01,
+        "batch_size": 64,
+        "gamma": 1.0,
+        "net_arch": [300, 300],
+        "buffer_size": 100_000,
+        "warm_start": None,  # path of a saved agent to continue from
+        "save_to": None,  # save the trained agent here
+        "device": "cpu",
+    }
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        opts = self.options
+        if opts["algo"] not in ("ddpg", "td3"):
+            raise SearchError(f"ddpg option algo must be 'ddpg' or 'td3', got {opts['algo']!r}")
+        if opts["noise"] not in ("truncated_normal", "normal", "none"):
+            raise SearchError(f"unknown noise {opts['noise']!r}: truncated_normal, normal, none")
+        warm = int(opts["warmup_episodes"]) if opts["warm_start"] is None else 0
+        assert self.evaluations is not None
+        if warm >= self.evaluations:
+            raise SearchError(
+                f"evaluation budget {self.evaluations} is not larger than the warm-up of "
+                f"{warm} episodes; raise evaluations or lower warmup_episodes"
+            )
+        if opts["warm_start"] is not None and not Path(opts["warm_start"]).is_file():
+            raise SearchError(f"warm_start agent not found: {opts['warm_start']}")
+        self.warmup = warm
+        self.env = PruningEnv(
+            self.task, self.budget, reward=opts["reward"], evaluator=self.evaluator
+        )
+        self.model: DDPG | TD3 | None = None
+
+    def _noise(self) -> ActionNoise | None:
+        opts = self.options
+        if opts["noise"] == "truncated_normal":
+            return TruncatedNormalNoise(opts["sigma"], seed=self.seed)
+        if opts["noise"] == "normal":
+            return NormalActionNoise(np.zeros(1), np.full(1, 2.0 * opts["sigma"]))
+        return None
+
+    def _build(self, vec_env: DummyVecEnv) -> DDPG | TD3:
+        opts = self.options
+        n = len(self.task.space)
+        kwargs: dict[str, Any] = {
+            "learning_rate": opts["actor_lr"],
+            "buffer_size": opts["buffer_size"],
+            "learning_starts": self.warmup * n,
+            "batch_size": opts["batch_size"],
+            "tau": opts["tau"],
+            "gamma": opts["gamma"],
+            "train_freq": (1, "episode"),
+            "gradient_steps": -1,
+            "action_noise": self._noise(),
+            "policy_kwargs": {"net_arch": list(opts["net_arch"])},
+            "seed": self.seed,
+            "device": opts["device"],
+            "verbose": 0,
+        }
+        if opts["episode_credit"]:
+            kwargs["replay_buffer_class"] = EpisodeCreditBuffer
+            kwargs["replay_buffer_kwargs"] = {
+                "baseline_alpha": opts["baseline_alpha"] if opts["baseline"] else None,
+                "bootstrap": opts["bootstrap"],
+            }
+        if opts["warm_start"] is not None:
+            cls = AMCDDPG if opts["algo"] == "ddpg" else TD3
+            model = cls.load(opts["warm_start"], env=vec_env, device=opts["device"])
+            model.action_noise = kwargs["action_noise"]
+            model.learning_starts = 0
+            return model
+        if opts["algo"] == "td3":
+            return TD3("MlpPolicy", vec_env, **kwargs)
+        return AMCDDPG("MlpPolicy", vec_env, critic_lr=opts["critic_lr"], **kwargs)
+
+    def episode_done(self, info: dict[str, Any], warmup: bool) -> None:
+        """Record a finished episode (its evaluation is in the evaluator's cache)."""
+        if self.remaining is not None and self.remaining <= 0:
+            return
+        evaluation = self.evaluator.evaluate(info["policy"])
+        reward = float(self.env.reward_fn(evaluation))
+        self.record(evaluation, reward=reward, note="warm-up" if warmup else "")
+
+    def _search(self) -> None:
+        torch.manual_seed(self.seed)
+        vec_env = DummyVecEnv([lambda: self.env])
+        vec_env.seed(self.seed)
+        self.model = self._build(vec_env)
+        assert self.evaluations is not None
+        steps = self.evaluations * len(self.task.space)
+        callback = NoiseDecay(self, self.warmup, self.options["sigma_decay"])
+        self.model.learn(total_timesteps=steps, callback=callback, reset_num_timesteps=True)
+        if self.options["save_to"] is not None:
+            self.save(self.options["save_to"])
+        self.result.info["warmup_episodes"] = self.warmup
+
+    def save(self, path: str | Path) -> Path:
+        """Save the trained agent (SB3 zip) for a warm start on another budget."""
+        if self.model is None:
+            raise SearchError("nothing to save: run the search first")
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.model.save(out)
+        return out.with_suffix(".zip") if out.suffix != ".zip" else out

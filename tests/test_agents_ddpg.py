@@ -1,0 +1,90 @@
+"""The ddpg searcher: it learns, keeps the best policy within budget, saves and warm-starts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from autoprune.agents import SearchError, search
+from autoprune.agents.ddpg import EpisodeCreditBuffer, TruncatedNormalNoise
+
+
+@pytest.fixture(scope="module")
+def trained(default_task, tmp_path_factory):
+    path = tmp_path_factory.mktemp("agent") / "agent.zip"
+    result = search(
+        "ddpg", default_task, "flops=0.25", seed=0, evaluations=45, warmup_episodes=15,
+        save_to=str(path),
+    )  # fmt: skip
+    return result, path
+
+
+def test_ddpg_learns_and_meets_budget(default_task, trained):
+    result, _ = trained
+    assert result.evaluations == 45 and len(result.history) == 45
+    warm = [r.accuracy for r in result.history if r.note == "warm-up"]
+    late = [r.accuracy for r in result.history[-15:]]
+    assert len(warm) == 15
+    assert np.mean(late) > np.mean(warm)
+    assert result.best is not None and result.best.accuracy == max(
+        r.accuracy for r in result.history if r.meets_budget
+    )
+    vec = result.policy(default_task).check(default_task)
+    assert default_task.cost_ratios(vec)["flops"] <= 0.25 + 1e-9
+
+
+def test_ddpg_same_seed_same_search(default_task):
+    runs = [
+        search("ddpg", default_task, "flops=0.5", seed=3, evaluations=8, warmup_episodes=4)
+        for _ in range(2)
+    ]
+    assert [r.accuracy for r in runs[0].history] == [r.accuracy for r in runs[1].history]
+
+
+def test_ddpg_save_and_warm_start(default_task, trained):
+    _, path = trained
+    assert path.is_file()
+    result = search("ddpg", default_task, "flops=0.5", seed=1, evaluations=5, warm_start=str(path))
+    assert result.evaluations == 5 and result.best is not None
+    assert result.best.flops_ratio <= 0.5 + 1e-9
+
+
+def test_ddpg_plain_td3_switches(default_task):
+    result = search(
+        "ddpg", default_task, "flops=0.5", seed=0, evaluations=6, warmup_episodes=2,
+        algo="td3", noise="normal", episode_credit=False, baseline=False,
+    )  # fmt: skip
+    assert result.evaluations == 6
+
+
+def test_ddpg_bad_input(default_task, tmp_path):
+    with pytest.raises(SearchError, match="not larger than the warm-up of 100"):
+        search("ddpg", default_task, "flops=0.5", evaluations=50)
+    with pytest.raises(SearchError, match="needs an evaluation budget"):
+        search("ddpg", default_task, "flops=0.5")
+    with pytest.raises(SearchError, match="unknown option"):
+        search("ddpg", default_task, "flops=0.5", evaluations=5, warmup=1)
+    with pytest.raises(SearchError, match="warm_start agent not found"):
+        search("ddpg", default_task, "flops=0.5", evaluations=5, warm_start=str(tmp_path / "x"))
+    with pytest.raises(SearchError, match="unknown searcher 'dqn'"):
+        search("dqn", default_task, "flops=0.5")
+
+
+def test_truncated_noise_stays_in_bounds():
+    noise = TruncatedNormalNoise(0.5, seed=0)
+    samples = np.array([noise.around(np.array([[0.9]])) for _ in range(500)]).ravel()
+    assert samples.min() >= -1 and samples.max() <= 1
+    assert abs(np.median(samples) - 0.9) < 0.6
+
+
+def test_episode_credit_buffer_credits_every_step():
+    from gymnasium import spaces
+
+    obs_space = spaces.Box(0, 1, (2,), np.float32)
+    act_space = spaces.Box(-1, 1, (1,), np.float32)
+    buf = EpisodeCreditBuffer(100, obs_space, act_space, "cpu", n_envs=1, baseline_alpha=None)
+    obs = np.zeros((1, 2), np.float32)
+    for t in range(3):
+        reward = np.array([0.7 if t == 2 else 0.0])
+        buf.add(obs, obs, np.zeros((1, 1)), reward, np.array([t == 2]), [{}])
+    assert buf.size() == 3
+    assert np.allclose(buf.rewards[:3, 0], 0.7) and buf.dones[:3, 0].all()
