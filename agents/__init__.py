@@ -7,7 +7,7 @@ Every searcher shares one interface::
     result.best.accuracy, result.best_ratios, len(result.history)
 """
 
-from autoprune.agents import ddpg
+from autoprune.agents import baselines, ddpg, netadapt
 from autoprune.agents.base import Record, Searcher, SearchError, SearchResult
 from autoprune.agents.registry import SEARCHERS, get_searcher, register, search
 
@@ -17,8 +17,10 @@ __all__ = [
     "SearchError",
     "SearchResult",
     "Searcher",
+    "baselines",
     "ddpg",
     "get_searcher",
+    "netadapt",
     "register",
     "search",
 ]
