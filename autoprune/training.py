@@ -64,7 +64,8 @@ def train(
     SGD with Nesterov momentum 0.9, a per-step cosine learning rate, weight decay on weights
     (not on BN parameters and biases), optional shift augmentation and optional network-slimming
     L1 sparsity on BN scales (Liu et al., ICCV 2017). Returns the history: per-epoch ``train_loss``
-    and ``train_acc``, final ``search_acc``, ``test_acc``, ``test_loss`` and ``seconds``.
+    and ``train_acc``, final ``search_acc``, ``test_acc``, ``test_loss`` and ``seconds``. The
+    model is left in eval mode.
     """
     dev = resolve_device(device)
     model.to(dev)
@@ -84,6 +85,7 @@ def train(
     history["seconds"] = time.perf_counter() - start
     history["search_acc"], _ = evaluate_accuracy(model, data.x_search, data.y_search)
     history["test_acc"], history["test_loss"] = evaluate_accuracy(model, data.x_test, data.y_test)
+    model.eval()
     return history
 
 
