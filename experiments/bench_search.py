@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from autoprune.agents import SEARCHERS, search
 
 import autoprune as ap
-from autoprune.agents import SEARCHERS, search
 from autoprune.training import evaluate_accuracy, recalibrate_bn
 
 EPISODIC = ("ddpg", "random")
