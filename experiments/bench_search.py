@@ -123,9 +123,11 @@ def main() -> None:
         raise SystemExit(f"unknown searchers {unknown}; choose from {sorted(SEARCHERS)}")
     task = ap.build_task()
     dense_test, _ = evaluate_accuracy(task.model, task.data.x_test, task.data.y_test)
-    print(f"# bench_search {time.strftime('%Y-%m-%d %H:%M')}: resnet20/digits, channel, l2, "
-          f"FLOPs<=0.25, {args.evaluations} evaluations (ddpg, random), seeds {args.seeds}, "
-          f"fine-tune {args.finetune_epochs} epochs, search split {len(task.data.y_search)}")  # fmt: skip
+    print(
+        f"# bench_search {time.strftime('%Y-%m-%d %H:%M')}: resnet20/digits, channel, l2, "
+        f"FLOPs<=0.25, {args.evaluations} evaluations (ddpg, random), seeds {args.seeds}, "
+        f"fine-tune {args.finetune_epochs} epochs, search split {len(task.data.y_search)}"
+    )
     rows = []
     for seed in args.seeds:
         for name in args.searchers:
