@@ -12,7 +12,7 @@ from autoprune.agents.ddpg import EpisodeCreditBuffer, TruncatedNormalNoise
 def trained(default_task, tmp_path_factory):
     path = tmp_path_factory.mktemp("agent") / "agent.zip"
     result = search(
-        "ddpg", default_task, "flops=0.25", seed=0, evaluations=45, warmup_episodes=15,
+        "ddpg", default_task, "flops=0.25", seed=0, evaluations=100, warmup_episodes=25,
         save_to=str(path),
     )  # fmt: skip
     return result, path
@@ -20,10 +20,10 @@ def trained(default_task, tmp_path_factory):
 
 def test_ddpg_learns_and_meets_budget(default_task, trained):
     result, _ = trained
-    assert result.evaluations == 45 and len(result.history) == 45
+    assert result.evaluations == 100 and len(result.history) == 100
     warm = [r.accuracy for r in result.history if r.note == "warm-up"]
-    late = [r.accuracy for r in result.history[-15:]]
-    assert len(warm) == 15
+    late = [r.accuracy for r in result.history[-25:]]
+    assert len(warm) == 25
     assert np.mean(late) > np.mean(warm)
     assert result.best is not None and result.best.accuracy == max(
         r.accuracy for r in result.history if r.meets_budget
