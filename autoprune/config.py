@@ -63,7 +63,7 @@ class TrainConfig(_Strict):
     epochs: int = Field(default=30, ge=1)
     batch_size: int = Field(default=64, ge=1)
     lr: float = Field(default=0.05, gt=0)
-    weight_decay: float = Field(default=5e-4, ge=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
     bn_l1: float = Field(
         default=0.0, ge=0, description="Network-slimming L1 penalty on BN scaling factors."
     )
