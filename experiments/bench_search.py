@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from autoprune.agents import SEARCHERS, search
 
 import autoprune as ap
 from autoprune.training import evaluate_accuracy, recalibrate_bn
 
-EPISODIC = ("ddpg", "random")
+EPISODIC = ("ddpg", "random")  # searchers that take an evaluation budget
 
 
 def test_accuracy(task: ap.Task, ratios: dict[str, float], finetune_epochs: int) -> tuple:
@@ -44,21 +45,41 @@ def first_reaching(history: list, target: float) -> int | None:
     return None
 
 
-def run(task: ap.Task, name: str, seed: int, evaluations: int, epochs: int) -> dict[str, Any]:
+def parse_variant(spec: str) -> tuple[str, str, dict[str, Any]]:
+    """``ddpg-slow=ddpg:sigma=0.3,sigma_decay=0.98`` -> (label, searcher, options)."""
+    label, _, rest = spec.partition("=")
+    searcher, _, opts = rest.partition(":")
+    options = {}
+    for item in filter(None, opts.split(",")):
+        key, _, value = item.partition("=")
+        options[key] = yaml.safe_load(value)
+    return label, searcher, options
+
+
+def run(
+    task: ap.Task,
+    label: str,
+    seed: int,
+    evaluations: int,
+    epochs: int,
+    variants: dict[str, tuple[str, dict[str, Any]]],
+) -> dict[str, Any]:
+    name, options = variants.get(label, (label, {}))
     kwargs: dict[str, Any] = {"evaluations": evaluations} if name in EPISODIC else {}
     start = time.perf_counter()
-    result = search(name, task, "flops=0.25", seed=seed, **kwargs)
+    result = search(name, task, "flops=0.25", seed=seed, **kwargs, **options)
     wall = time.perf_counter() - start
     assert result.best is not None
     before, after = test_accuracy(task, result.best_ratios, epochs)
     accs = [r.accuracy for r in result.history]
     return {
-        "searcher": name,
+        "searcher": label,
         "seed": seed,
         "best_search": result.best.accuracy,
         "test_before": before,
         "test_after": after,
         "last50": float(np.mean(accs[-50:])) if name in EPISODIC else None,
+        "options": options,
         "flops": result.best.flops_ratio,
         "evaluations": result.evaluations,
         "wall": wall,
@@ -115,10 +136,17 @@ def main() -> None:
     parser.add_argument("--searchers", nargs="+", default=["random", "ddpg", "netadapt",
                         "uniform", "sensitivity", "global"])  # fmt: skip
     parser.add_argument("--finetune-epochs", type=int, default=5)
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="extra row LABEL=SEARCHER:key=value,... (list LABEL in --searchers)",
+    )
     parser.add_argument("--out", type=Path, default=Path("experiments/results/bench_search"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    unknown = sorted(set(args.searchers) - set(SEARCHERS))
+    variants = {label: (name, opts) for label, name, opts in map(parse_variant, args.variant)}
+    unknown = sorted(set(args.searchers) - set(SEARCHERS) - set(variants))
     if unknown:
         raise SystemExit(f"unknown searchers {unknown}; choose from {sorted(SEARCHERS)}")
     task = ap.build_task()
@@ -131,7 +159,7 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         for name in args.searchers:
-            row = run(task, name, seed, args.evaluations, args.finetune_epochs)
+            row = run(task, name, seed, args.evaluations, args.finetune_epochs, variants)
             rows.append(row)
             print(
                 f"  {name:12s} seed {seed}: best {100 * row['best_search']:.1f}%  test "
