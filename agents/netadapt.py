@@ -98,22 +98,10 @@ def measure(
     x, y = task.data.x_search.to(task.device), task.data.y_search.to(task.device)
     acc, loss = evaluate_accuracy(model, x, y, cfg.batch_size)
     t2 = time.perf_counter()
-    space = task.space
-    macs, params = space.costs(vec)
     latency = task.cost_ratios(vec, ("latency",))["latency"] if "latency" in metrics else None
     timing = {**(seconds or {}), "recalibrate": t1 - t0, "accuracy": t2 - t1}
     timing["total"] = sum(timing.values())
-    return Evaluation(
-        ratios=task.ratios_dict(space.achieved_ratios(vec)),
-        accuracy=acc,
-        loss=loss,
-        flops_ratio=macs / space.dense_macs,
-        params_ratio=params / space.dense_params,
-        macs=macs,
-        params=params,
-        latency_ratio=latency,
-        seconds=timing,
-    )
+    return Evaluation.of(task, vec, acc, loss, timing, latency)
 
 
 def run_proposal(

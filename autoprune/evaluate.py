@@ -40,6 +40,31 @@ class Evaluation:
     seconds: dict[str, float] = field(default_factory=dict)
     cached: bool = False
 
+    @classmethod
+    def of(
+        cls,
+        task: Task,
+        vec: np.ndarray,
+        accuracy: float,
+        loss: float,
+        seconds: dict[str, float] | None = None,
+        latency_ratio: float | None = None,
+    ) -> Evaluation:
+        """The evaluation of ratio vector ``vec`` with measured accuracy and analytic costs."""
+        space = task.space
+        macs, params = space.costs(vec)
+        return cls(
+            ratios=task.ratios_dict(space.achieved_ratios(vec)),
+            accuracy=accuracy,
+            loss=loss,
+            flops_ratio=macs / space.dense_macs,
+            params_ratio=params / space.dense_params,
+            macs=macs,
+            params=params,
+            latency_ratio=latency_ratio,
+            seconds=dict(seconds or {}),
+        )
+
     def costs(self) -> dict[str, float]:
         """Cost ratios by budget metric name."""
         out = {"flops": self.flops_ratio, "params": self.params_ratio}
@@ -101,17 +126,7 @@ class Evaluator:
         t2 = time.perf_counter()
         acc, loss = evaluate_accuracy(model, self._x, self._y, cfg.batch_size)
         t3 = time.perf_counter()
-        macs, params = self.task.space.costs(vec)
-        space = self.task.space
-        result = Evaluation(
-            ratios=self.task.ratios_dict(space.achieved_ratios(vec)),
-            accuracy=acc,
-            loss=loss,
-            flops_ratio=macs / space.dense_macs,
-            params_ratio=params / space.dense_params,
-            macs=macs,
-            params=params,
-        )
+        result = Evaluation.of(self.task, vec, acc, loss)
         if self.predict_latency:
             result.latency_ratio = self.task.cost_ratios(vec, ("latency",))["latency"]
         if self.measure_latency:

@@ -22,15 +22,6 @@ from autoprune.models import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread, and a busy machine then does not thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("in_channels", [1, 3])
 def test_zoo_model_forwards_at_every_size(name: str, in_channels: int) -> None:
