@@ -23,6 +23,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from autoprune.models import classifier_name
+
 GRANULARITIES = ("channel", "fine", "nm")
 UNIT_KINDS = ("conv", "dwconv", "linear")
 
@@ -150,14 +152,6 @@ def _geometry(model: nn.Module, example: torch.Tensor) -> dict[str, LayerGeometr
     return found
 
 
-def classifier_of(model: nn.Module) -> str:
-    """The name of the last nn.Linear in module order: the classifier, never channel-pruned."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not names:
-        raise SpaceError("the model has no nn.Linear classifier")
-    return names[-1]
-
-
 class PruningSpace:
     """The units of a model for one granularity, and a vectorised analytic cost model.
 
@@ -189,7 +183,7 @@ class PruningSpace:
         model.eval()
         try:
             self.layers = _geometry(model, example)
-            self.classifier = classifier_of(model)
+            self.classifier = classifier_name(model)
             if granularity == "channel":
                 self.units = self._channel_units(model, example)
             else:
