@@ -17,6 +17,7 @@ import numpy as np
 
 from autoprune.budget import Budget
 from autoprune.evaluate import Evaluation, Evaluator
+from autoprune.parallel import Backend, SerialBackend
 from autoprune.policy import Policy
 from autoprune.task import Task
 
@@ -109,6 +110,7 @@ class Searcher(ABC):
         evaluations: int | None = None,
         callback: Callback | None = None,
         evaluator: Evaluator | None = None,
+        backend: Backend | None = None,
         **options: Any,
     ) -> None:
         self.task = task
@@ -122,7 +124,12 @@ class Searcher(ABC):
         self.callback = callback
         self.options = self.check_options(options)
         needs_latency = "latency" in self.budget.metrics
+        if evaluator is None and isinstance(backend, SerialBackend):
+            evaluator = backend.evaluator
         self.evaluator = evaluator or Evaluator(task, predict_latency=needs_latency)
+        # Where evaluations run: this process (serial) or a Ray pool; the caller owns a backend
+        # it passes in and closes it.
+        self.backend = backend or SerialBackend(task, evaluator=self.evaluator)
         self.rng = np.random.default_rng(self.seed)
         self.result = SearchResult(self.name, self.budget.to_dict(), self.seed)
         self._start = time.perf_counter()
@@ -195,4 +202,10 @@ class Searcher(ABC):
 
     def evaluate(self, vec: np.ndarray, note: str = "") -> Record:
         """Evaluate a ratio vector (already within budget) and record it."""
-        return self.record(self.evaluator.evaluate(vec), note=note)
+        return self.evaluate_many([vec], [note])[0]
+
+    def evaluate_many(self, vecs: list[np.ndarray], notes: list[str]) -> list[Record]:
+        """Evaluate ratio vectors on the backend (in parallel with Ray) and record them in
+        order."""
+        evaluations = self.backend.map(vecs)
+        return [self.record(e, note=n) for e, n in zip(evaluations, notes, strict=True)]

@@ -16,7 +16,6 @@ safety net before its final evaluation.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -88,22 +87,17 @@ class RandomSearcher(Searcher):
     def _search(self) -> None:
         env = PruningEnv(self.task, self.budget, evaluator=self.evaluator)
         assert self.evaluations is not None  # needs_evaluations: checked by the base class
-        for episode in range(1, self.evaluations + 1):
-            policy, reward, cached = self._episode(env, first=episode == 1)
-            # The env already evaluated the policy through our evaluator: this is a cache hit.
-            evaluation = self.evaluator.evaluate(policy)
-            evaluation = dataclasses.replace(evaluation, cached=cached)
-            self.record(evaluation, reward=reward, note=f"episode {episode}")
-
-    def _episode(self, env: PruningEnv, first: bool) -> tuple[dict[str, float], float, bool]:
-        """Run one episode; return the final policy, the reward and whether it was cached."""
-        env.reset(seed=self.seed if first else None)
-        for _ in range(len(self.task.space)):
-            action = self.rng.uniform(-1.0, 1.0, size=1).astype(np.float32)
-            _, reward, terminated, _, info = env.step(action)
-        if not terminated:  # pragma: no cover - the env ends after the last unit
-            raise RuntimeError("PruningEnv did not end after the last unit")
-        return dict(info["policy"]), float(reward), bool(info["cached"])
+        units = len(self.task.space)
+        batch = 2 * self.backend.workers or 1  # keep every worker busy; serial: one at a time
+        done = 0
+        while done < self.evaluations:
+            size = min(batch, self.evaluations - done)
+            # One action per unit from the seeded generator: the policies depend on the seed only.
+            vecs = [env.rollout(self.rng.uniform(-1.0, 1.0, size=units)) for _ in range(size)]
+            for evaluation in self.backend.map(vecs):
+                done += 1
+                reward = float(env.reward_fn(evaluation))
+                self.record(evaluation, reward=reward, note=f"episode {done}")
 
 
 # ---------------------------------------------------------------- sensitivity
@@ -155,6 +149,7 @@ class SensitivitySearcher(Searcher):
             self.evaluator,
             self.options["grid"],
             callback=lambda _unit, _ratio, e: self.record(e, note="scan"),
+            evaluate_many=self.backend.map if self.backend.workers else None,
         )
         vec = allocate(result, self.budget, self.cost_ratios, self.task.space.max_ratio)
         vec = self.project(vec)  # safety net: a grid that stops short of the budget

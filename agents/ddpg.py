@@ -25,6 +25,7 @@ steps. ``bootstrap=True`` keeps SB3's usual TD target.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,12 @@ from scipy.stats import truncnorm
 from stable_baselines3 import DDPG, TD3
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.noise import ActionNoise, NormalActionNoise
+from stable_baselines3.common.noise import ActionNoise, NormalActionNoise, VectorizedActionNoise
 from stable_baselines3.common.utils import update_learning_rate
-from stable_baselines3.common.vec_env import DummyVecEnv
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
+
+from autoprune.evaluate import Evaluation
+from autoprune.parallel import RayBackend, TaskSpec, worker_task
 
 
 class TruncatedNormalNoise(ActionNoise):
@@ -65,6 +69,15 @@ class TruncatedNormalNoise(ActionNoise):
 
     def __repr__(self) -> str:
         return f"TruncatedNormalNoise(sigma={self.sigma:.4f})"
+
+
+def _noises(noise: ActionNoise | None) -> list[ActionNoise]:
+    """The noise processes behind SB3's per-environment wrapper (one when not wrapped)."""
+    if noise is None:
+        return []
+    if isinstance(noise, VectorizedActionNoise):
+        return list(noise.noises)
+    return [noise]
 
 
 class EpisodeCreditBuffer(ReplayBuffer):
@@ -150,11 +163,13 @@ class AMCDDPG(DDPG):
         if self.num_timesteps < learning_starts:
             action = np.array([self.action_space.sample() for _ in range(n_envs)])
             return action, self.policy.scale_action(action)
-        if not isinstance(action_noise, TruncatedNormalNoise):
+        noises = _noises(action_noise)
+        if not noises or not isinstance(noises[0], TruncatedNormalNoise):
             return super()._sample_action(learning_starts, action_noise, n_envs)
         assert self._last_obs is not None
         unscaled, _ = self.predict(self._last_obs, deterministic=True)
-        scaled = action_noise.around(self.policy.scale_action(unscaled))
+        # One generator for every environment (SB3's per-env copies would repeat its draws).
+        scaled = noises[0].around(self.policy.scale_action(unscaled))
         return self.policy.unscale_action(scaled), scaled
 
 
@@ -175,12 +190,23 @@ class NoiseDecay(BaseCallback):
                 continue
             self.episodes += 1
             self.searcher.episode_done(info, warmup=self.episodes <= self.warmup)
-            noise = self.model.action_noise
-            if self.episodes > self.warmup and isinstance(noise, TruncatedNormalNoise):
-                noise.sigma *= self.decay
-            elif self.episodes > self.warmup and isinstance(noise, NormalActionNoise):
-                noise._sigma = noise._sigma * self.decay
+            if self.episodes <= self.warmup:
+                continue
+            for noise in _noises(self.model.action_noise):
+                if isinstance(noise, TruncatedNormalNoise):
+                    noise.sigma *= self.decay
+                elif isinstance(noise, NormalActionNoise):
+                    noise._sigma = noise._sigma * self.decay
         return self.searcher.remaining is None or self.searcher.remaining > 0
+
+
+def remote_env(spec: Any, budget: dict[str, float], reward: Any) -> PruningEnv:
+    """A PruningEnv on a Ray worker, over the task of ``spec`` (a TaskSpec or its object ref)."""
+    if not isinstance(spec, TaskSpec):
+        import ray
+
+        spec = ray.get(spec)
+    return PruningEnv(worker_task(spec), budget, reward=reward)
 
 
 @register
@@ -242,7 +268,7 @@ class DDPGSearcher(Searcher):
             return NormalActionNoise(np.zeros(1), np.full(1, 2.0 * opts["sigma"]))
         return None
 
-    def _build(self, vec_env: DummyVecEnv) -> DDPG | TD3:
+    def _build(self, vec_env: VecEnv) -> DDPG | TD3:
         opts = self.options
         n = len(self.task.space)
         kwargs: dict[str, Any] = {
@@ -252,7 +278,9 @@ class DDPGSearcher(Searcher):
             "batch_size": opts["batch_size"],
             "tau": opts["tau"],
             "gamma": opts["gamma"],
-            "train_freq": (1, "episode"),
+            # One update round per episode. SB3 trains by episode with one env only; with several
+            # (in lockstep, episodes of ``n`` steps) every ``n`` steps is the same thing.
+            "train_freq": (1, "episode") if vec_env.num_envs == 1 else (n, "step"),
             "gradient_steps": -1,
             "action_noise": self._noise(),
             "policy_kwargs": {"net_arch": list(opts["net_arch"])},
@@ -277,22 +305,43 @@ class DDPGSearcher(Searcher):
         return AMCDDPG("MlpPolicy", vec_env, critic_lr=opts["critic_lr"], **kwargs)
 
     def episode_done(self, info: dict[str, Any], warmup: bool) -> None:
-        """Record a finished episode (its evaluation is in the evaluator's cache)."""
+        """Record a finished episode (its evaluation comes in the episode's last info)."""
         if self.remaining is not None and self.remaining <= 0:
             return
-        evaluation = self.evaluator.evaluate(info["policy"])
+        evaluation = Evaluation(**info["evaluation"])
         reward = float(self.env.reward_fn(evaluation))
         self.record(evaluation, reward=reward, note="warm-up" if warmup else "")
 
+    def _vec_env(self) -> VecEnv:
+        """One environment here, or one per Ray worker (each in its own actor, holding the
+        task once) when the backend is a Ray pool: DDPG then collects that many episodes at
+        once."""
+        if not isinstance(self.backend, RayBackend):
+            return DummyVecEnv([lambda: self.env])
+        from autoprune.envs.ray_vec_env import RayVecEnv
+
+        self.backend.release()  # the environment actors need the evaluator actors' CPUs
+        make = partial(
+            remote_env, self.backend.spec_ref, self.budget.to_dict(), self.options["reward"]
+        )
+        setup = partial(torch.set_num_threads, self.backend.threads)
+        return RayVecEnv([make] * self.backend.workers, worker_setup=setup)
+
     def _search(self) -> None:
         torch.manual_seed(self.seed)
-        vec_env = DummyVecEnv([lambda: self.env])
+        vec_env = self._vec_env()
         vec_env.seed(self.seed)
-        self.model = self._build(vec_env)
-        assert self.evaluations is not None
-        steps = self.evaluations * len(self.task.space)
-        callback = NoiseDecay(self, self.warmup, self.options["sigma_decay"])
-        self.model.learn(total_timesteps=steps, callback=callback, reset_num_timesteps=True)
+        try:
+            self.model = self._build(vec_env)
+            assert self.evaluations is not None
+            # Enough steps for the requested episodes, rounded up to whole rounds of n_envs.
+            rounds = -(-self.evaluations // vec_env.num_envs)
+            steps = rounds * vec_env.num_envs * len(self.task.space)
+            callback = NoiseDecay(self, self.warmup, self.options["sigma_decay"])
+            self.model.learn(total_timesteps=steps, callback=callback, reset_num_timesteps=True)
+        finally:
+            vec_env.close()
+        self.result.info["n_envs"] = vec_env.num_envs
         if self.options["save_to"] is not None:
             self.save(self.options["save_to"])
         self.result.info["warmup_episodes"] = self.warmup

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -30,6 +31,7 @@ from torch import nn
 from autoprune.apply import _relative
 from autoprune.criteria import CriterionContext, compute_scores
 from autoprune.evaluate import Evaluation
+from autoprune.parallel import policy_text
 from autoprune.pruning import Ranking, prune_model
 from autoprune.space import PruningSpace
 from autoprune.task import CRITERION_SAMPLES, Task
@@ -141,6 +143,29 @@ def run_proposal(
     t2 = time.perf_counter()
     timing = {"prune": t1 - t0, "finetune": t2 - t1}
     return Proposal(measure(task, pruned, proposal_vec, metrics, timing), pruned)
+
+
+_TRACES: dict[str, tuple[nn.Module, Trace]] = {}  # per process: the current iteration's
+
+
+def iteration_proposal(
+    task: Task,
+    key: str,
+    model: nn.Module,
+    base_vec: np.ndarray,
+    proposal_vec: np.ndarray,
+    finetune_batches: int,
+    seed: int,
+    metrics: Sequence[str],
+) -> Proposal:
+    """:func:`run_proposal` for one proposal of iteration ``key``, on whichever process runs it
+    (a backend worker): the model of the iteration is traced once per process and reused by the
+    iteration's other proposals there (``model`` is then the same weights, already traced)."""
+    if key not in _TRACES:
+        _TRACES.clear()
+        _TRACES[key] = (model, trace_model(task, model))
+    model, trace = _TRACES[key]
+    return run_proposal(task, model, base_vec, proposal_vec, finetune_batches, seed, metrics, trace)
 
 
 # ------------------------------------------------------------ resource targets
@@ -278,21 +303,32 @@ class NetAdaptSearcher(Searcher):
         targets, proposals, used = self._plan(state.vec, reduction)
         if self.remaining is not None:
             proposals = proposals[: max(0, self.remaining - 1)]
-        trace = trace_model(self.task, state.model)
         before = self.cost_ratios(state.vec)
-        best: tuple[float, int, np.ndarray, Proposal] | None = None
-        for unit, vec in proposals:
-            name = self.task.space.units[unit].name
-            proposal = run_proposal(
-                self.task,
-                state.model,
+        batches = int(self.options["finetune_batches"])
+        model = self.backend.put(state.model)  # sent once per iteration to every worker
+        key = uuid.uuid4().hex
+        metrics = tuple(self.budget.metrics)
+        jobs = [
+            (
+                key,
+                model,
                 state.vec,
                 vec,
-                int(self.options["finetune_batches"]),
+                batches,
                 proposal_seed(self.seed, iteration, unit),
-                self.budget.metrics,
-                trace,
+                metrics,
             )
+            for unit, vec in proposals
+        ]
+
+        def describe(job: tuple[Any, ...]) -> str:
+            return f"netadapt proposal {policy_text(self.task, job[3])} (iteration {iteration})"
+
+        # The proposals of an iteration are independent: the backend may run them in parallel.
+        outcomes: list[Proposal] = self.backend.run(iteration_proposal, jobs, describe)
+        best: tuple[float, int, np.ndarray, Proposal] | None = None
+        for (unit, vec), proposal in zip(proposals, outcomes, strict=True):
+            name = self.task.space.units[unit].name
             self.record(proposal.evaluation, note=f"iteration {iteration} unit {name}")
             score = self._score(proposal.evaluation, vec, state, before, targets)
             if best is None or score > best[0]:  # ties: the first unit in network order

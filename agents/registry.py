@@ -9,6 +9,7 @@ from autoprune.agents.base import Callback, Searcher, SearchError, SearchResult
 
 from autoprune.budget import Budget
 from autoprune.evaluate import Evaluator
+from autoprune.parallel import Backend, make_backend
 from autoprune.task import Task
 
 SEARCHERS: dict[str, type[Searcher]] = {}
@@ -37,8 +38,25 @@ def search(
     evaluations: int | None = None,
     callback: Callback | None = None,
     evaluator: Evaluator | None = None,
+    backend: Backend | None = None,
+    workers: int = 0,
+    ray_address: str | None = None,
     **options: Any,
 ) -> SearchResult:
-    """Run searcher ``name`` on a task under a budget and return its result."""
+    """Run searcher ``name`` on a task under a budget and return its result.
+
+    Evaluations run on ``backend`` when given (the caller closes it); otherwise on a backend
+    made here and closed at the end: serial with ``workers=0``, else ``workers`` Ray actors
+    (a local Ray, or the cluster at ``ray_address``).
+    """
     cls = get_searcher(name)
-    return cls(task, budget, seed, evaluations, callback, evaluator, **options).run()
+    if workers < 0 or (ray_address and workers == 0):
+        raise SearchError(f"workers must be >= 1 with a Ray address, >= 0 otherwise; got {workers}")
+    # Options and budget are checked here, before any worker starts.
+    searcher = cls(task, budget, seed, evaluations, callback, evaluator, backend, **options)
+    if backend is not None or workers == 0:
+        return searcher.run()
+    needs_latency = "latency" in searcher.budget.metrics
+    with make_backend(task, workers, ray_address, predict_latency=needs_latency) as made:
+        searcher.backend = made
+        return searcher.run()

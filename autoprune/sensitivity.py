@@ -6,7 +6,7 @@ lecture 3); the ``sensitivity`` searcher allocates ratios from it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,8 +82,13 @@ def scan(
     grid: Sequence[float] = DEFAULT_GRID,
     units: Sequence[str] | None = None,
     callback: Callable[[str, float, Evaluation], None] | None = None,
+    evaluate_many: Callable[[list[np.ndarray]], list[Evaluation]] | None = None,
 ) -> SensitivityResult:
-    """Evaluate each unit alone at each ratio of ``grid`` (others dense)."""
+    """Evaluate each unit alone at each ratio of ``grid`` (others dense).
+
+    ``evaluate_many`` (e.g. a parallel backend's ``map``) evaluates the whole scan as one batch;
+    by default each policy goes through ``evaluator`` in turn.
+    """
     task = evaluator.task
     names = list(units) if units is not None else task.units
     for name in names:
@@ -92,10 +97,14 @@ def scan(
     shape = (len(names), len(values))
     acc, loss, flops = np.zeros(shape), np.zeros(shape), np.zeros(shape)
     dense = evaluator.dense()
-    for i, name in enumerate(names):
-        for j, r in enumerate(values):
-            e = evaluator.evaluate({name: r})
-            acc[i, j], loss[i, j], flops[i, j] = e.accuracy, e.loss, e.flops_ratio
-            if callback is not None:
-                callback(name, r, e)
+    cells = [(i, j) for i in range(len(names)) for j in range(len(values))]
+    vecs = [task.ratio_vector({names[i]: values[j]}) for i, j in cells]
+    if evaluate_many is None:
+        results: Iterable[Evaluation] = (evaluator.evaluate(v) for v in vecs)
+    else:
+        results = evaluate_many(vecs)
+    for (i, j), e in zip(cells, results, strict=True):
+        acc[i, j], loss[i, j], flops[i, j] = e.accuracy, e.loss, e.flops_ratio
+        if callback is not None:
+            callback(names[i], values[j], e)
     return SensitivityResult(names, values, acc, loss, flops, dense.accuracy)

@@ -34,12 +34,19 @@ CRITERION_SAMPLES = 256  # images of the search split used by data-driven criter
 class Task:
     """A model with its checkpoint, data splits, pruning space and importance ranking."""
 
-    def __init__(self, config: TaskConfig, model: nn.Module, data: DataSplits, checkpoint: Path):
+    def __init__(
+        self,
+        config: TaskConfig,
+        model: nn.Module,
+        data: DataSplits,
+        checkpoint: Path,
+        checkpoint_digest: str | None = None,
+    ) -> None:
         self.config = config
         self.model = model.eval()
         self.data = data
-        self.checkpoint = checkpoint
-        self.checkpoint_hash = checkpoint_hash(checkpoint)
+        self.checkpoint = checkpoint  # ``checkpoint_digest``: its hash, known (remote workers)
+        self.checkpoint_hash = checkpoint_digest or checkpoint_hash(checkpoint)
         self.input_shape = (data.in_channels, data.image_size, data.image_size)
         self.space = PruningSpace(
             model,

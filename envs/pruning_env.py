@@ -150,6 +150,24 @@ class PruningEnv(gym.Env):
         info.update(self._terminal_info(evaluation))
         return self._observation(), float(self.reward_fn(evaluation)), True, False, info
 
+    def rollout(self, actions: np.ndarray) -> np.ndarray:
+        """The ratio vector an episode of ``actions`` (one per unit) ends with, clipping applied,
+        without evaluating it (searchers that evaluate policies in batches use this). The
+        environment is left reset."""
+        actions = np.asarray(actions, dtype=np.float64).reshape(-1)
+        if len(actions) != self._n:
+            raise ValueError(f"rollout needs {self._n} actions (one per unit), got {len(actions)}")
+        self.reset()
+        for a in actions:
+            ratio = self._clip((float(np.clip(a, -1.0, 1.0)) + 1.0) / 2.0 * self.max_ratio)
+            self._ratios[self._t] = ratio
+            self._t += 1
+        vec = self._ratios.copy()
+        if not self.budget.met_by(self._cost(vec)):  # guard against rounding, as _finish does
+            vec = self.task.project(vec, self.budget)
+        self.reset()
+        return vec
+
     # ----------------------------------------------------------- internals
     def _clip(self, proposed: float) -> float:
         """AMC's action clipping: the smallest ratio >= proposed that keeps the budget reachable
@@ -182,6 +200,7 @@ class PruningEnv(gym.Env):
             "params_ratio": e.params_ratio,
             "eval_seconds": e.seconds.get("total", 0.0),
             "cached": e.cached,
+            "evaluation": e.to_dict(),  # everything, for searchers running envs elsewhere
         }
         if e.latency_ratio is not None:
             info["latency_ratio"] = e.latency_ratio

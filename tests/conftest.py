@@ -21,3 +21,21 @@ def default_task():
     from autoprune import build_task
 
     return build_task()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray cluster for the whole session: 4 logical CPUs (an evaluator pool and DDPG's
+    environment actors side by side), no dashboard, a small object store."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=4,
+            include_dashboard=False,
+            object_store_memory=200 * 1024**2,
+            log_to_driver=False,
+        )
+    yield ray
+    ray.shutdown()
