@@ -1,0 +1,143 @@
+"""Throughput of the evaluation backends on ResNet-20/digits: serial (both cores), Ray 1 and 2.
+
+For each backend: plain evaluations per second (a batch of distinct random policies at FLOPs
+<= 0.25, as random search makes them) and NetAdapt proposals per second (two iterations of
+proposals, each pruning, fine-tuning 10 batches and evaluating). Ray's overhead per evaluation is
+the wall time per evaluation with one actor minus the evaluation time measured inside the actor,
+and a no-op actor call's round trip. Ray start-up and actor start-up are not timed.
+
+    python experiments/bench_parallel.py [--evaluations 80] [--cores 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import time
+from datetime import datetime
+
+import numpy as np
+import ray
+import torch
+from autoprune.agents.netadapt import NetAdaptSearcher
+from autoprune.envs import PruningEnv
+
+import autoprune as ap
+from autoprune.parallel import Backend, RayBackend, SerialBackend, init_ray
+
+BUDGET = "flops=0.25"
+
+
+def random_policies(task: ap.Task, n: int, seed: int = 0) -> list[np.ndarray]:
+    env = PruningEnv(task, BUDGET)
+    rng = np.random.default_rng(seed)
+    return [env.rollout(rng.uniform(-1, 1, len(task.space))) for _ in range(n)]
+
+
+def plain(backend: Backend, vecs: list[np.ndarray]) -> tuple[float, float]:
+    """Evaluations per second, and the mean evaluation time measured where it ran (ms)."""
+    t0 = time.perf_counter()
+    out = backend.map(vecs)
+    wall = time.perf_counter() - t0
+    assert not any(e.cached for e in out)
+    return len(vecs) / wall, 1e3 * statistics.mean(e.seconds["total"] for e in out)
+
+
+def netadapt(task: ap.Task, backend: Backend, iterations: int) -> float:
+    """NetAdapt proposals per second over ``iterations`` iterations (10-batch fine-tunes)."""
+    searcher = NetAdaptSearcher(task, BUDGET, seed=0, backend=backend, finetune_batches=10)
+    searcher.result.info["iterations"] = []
+    state = _first_state(task)
+    t0 = time.perf_counter()
+    for i in range(1, iterations + 1):
+        state = searcher._iterate(i, state, 0.02 * 0.98 ** (i - 1))
+    wall = time.perf_counter() - t0
+    return searcher.result.evaluations / wall
+
+
+def _first_state(task: ap.Task):
+    from autoprune.agents.netadapt import _State
+
+    return _State(np.zeros(len(task.space)), copy.deepcopy(task.model).eval())
+
+
+def round_trip_ms(backend: RayBackend, calls: int = 200) -> float:
+    actor = backend.actors[0]
+    ray.get(actor.pid.remote())
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        ray.get(actor.pid.remote())
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--evaluations", type=int, default=80)
+    parser.add_argument("--iterations", type=int, default=2, help="NetAdapt iterations")
+    parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    task = ap.build_task()
+    units = len(task.space)
+    vecs = random_policies(task, args.evaluations)
+    warm = random_policies(task, 2, seed=1)  # warm-up policies, never timed
+    print(
+        f"# bench_parallel  {datetime.now():%Y-%m-%d %H:%M}  torch {torch.__version__}  "
+        f"ray {ray.__version__}  {platform.machine()}  {args.cores} cores"
+    )
+    print(
+        f"resnet20/digits, {units} units, {BUDGET}: {args.evaluations} plain evaluations "
+        f"(distinct random policies), NetAdapt {args.iterations} iterations x {units} proposals "
+        f"(10-batch fine-tune each)"
+    )
+    rows = []
+    # Serial: the calling process, torch using every core.
+    torch.set_num_threads(args.cores)
+    serial = SerialBackend(task)
+    serial.map(warm)  # first-call allocations
+    eps, inside = plain(serial, vecs)
+    rows.append(("serial", args.cores, eps, inside, netadapt(task, serial, args.iterations)))
+    torch.set_num_threads(1)
+
+    init_ray(args.cores)
+    overhead = {}
+    for workers in (1, 2):
+        backend = RayBackend(task, workers=workers)
+        backend.pids()  # start the actors (and their tasks) before timing
+        backend.map(warm)
+        eps, inside = plain(backend, vecs)
+        proposals = netadapt(task, backend, args.iterations)
+        rows.append((f"ray x{workers}", backend.threads, eps, inside, proposals))
+        if workers == 1:
+            overhead = {
+                "wall_minus_inside": 1e3 / eps - inside,
+                "round_trip": round_trip_ms(backend),
+            }
+        backend.close()
+
+    base_eps, base_prop = rows[0][2], rows[0][4]
+    print(
+        "| backend | torch threads / worker | evaluations/s | ms per evaluation (in worker) "
+        "| x serial | NetAdapt proposals/s | x serial |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, threads, eps, inside, prop in rows:
+        print(
+            f"| {name} | {threads} | {eps:.1f} | {inside:.1f} | {eps / base_eps:.2f} "
+            f"| {prop:.2f} | {prop / base_prop:.2f} |"
+        )
+    print(
+        f"Ray overhead per evaluation (1 worker): {overhead['wall_minus_inside']:.1f} ms "
+        f"(wall per evaluation minus time inside the actor); no-op actor call round trip "
+        f"{overhead['round_trip']:.2f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()
