@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/autoprune demo
+	$(VENV)/bin/autoprune compare experiments/compare.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q -x --durations=15

@@ -200,13 +200,18 @@ class NoiseDecay(BaseCallback):
         return self.searcher.remaining is None or self.searcher.remaining > 0
 
 
-def remote_env(spec: Any, budget: dict[str, float], reward: Any) -> PruningEnv:
-    """A PruningEnv on a Ray worker, over the task of ``spec`` (a TaskSpec or its object ref)."""
+def remote_env(
+    spec: Any, budget: dict[str, float], reward: Any, recorded: list[Evaluation] | None = None
+) -> PruningEnv:
+    """A PruningEnv on a Ray worker, over the task of ``spec`` (a TaskSpec or its object ref);
+    ``recorded`` evaluations (a resumed search) are answered from memory."""
     if not isinstance(spec, TaskSpec):
         import ray
 
         spec = ray.get(spec)
-    return PruningEnv(worker_task(spec), budget, reward=reward)
+    env = PruningEnv(worker_task(spec), budget, reward=reward)
+    env.evaluator.preload(recorded or [])
+    return env
 
 
 @register

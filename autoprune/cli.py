@@ -6,6 +6,7 @@ Errors are one clear line on stderr and a non-zero exit code; ``--debug`` shows 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -142,7 +143,7 @@ def sensitivity(
     evaluator = Evaluator(task)
     total = len(task.space) * len(values)
     with _progress() as bar:
-        job = bar.add_task("sensitivity", total=total)
+        job = bar.add_task("sensitivity", total=total, best=0.0, cost="")
         result = scan(evaluator, values, callback=lambda *_: bar.advance(job))
     table = Table(title=f"search accuracy (dense {result.dense_accuracy:.4f})")
     table.add_column("unit")
@@ -222,46 +223,311 @@ def train(
     console.print(f"test accuracy {history['test_acc']:.4f}; checkpoint: {out}")
 
 
+# ---------------------------------------------------------------- experiments
+
+SearcherOpt = Annotated[str | None, typer.Option(help="Searcher (ddpg, netadapt, random, ...).")]
+BudgetOpt = Annotated[str | None, typer.Option(help="Budget, e.g. flops=0.25 or params=0.5.")]
+EvalsOpt = Annotated[
+    int | None, typer.Option(min=1, help="Episodes of ddpg / random (others: their own count).")
+]
+WorkersOpt = Annotated[int | None, typer.Option(min=0, help="Ray workers (0: this process).")]
+AddressOpt = Annotated[
+    str | None, typer.Option(help="Join a Ray cluster: auto, host:port or ray://host:port.")
+]
+UriOpt = Annotated[
+    str | None, typer.Option(help="MLflow tracking URI (default sqlite:///mlflow.db here).")
+]
+ExperimentOpt = Annotated[str | None, typer.Option(help="MLflow experiment name.")]
+SeedOpt = Annotated[int | None, typer.Option(help="Seed (one search per seed with --seeds).")]
+SeedsOpt = Annotated[str | None, typer.Option(help="Comma-separated seeds, e.g. 0,1,2.")]
+OutOpt = Annotated[Path, typer.Option(help="Where to save the best policy (JSON).")]
+
+
+def _experiment_cfg(
+    config: str | None,
+    overrides: list[str] | None,
+    searchers: list[str] | None = None,
+    budget: str | None = None,
+    evaluations: int | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    seed: int | None = None,
+    seeds: str | None = None,
+) -> Any:
+    """The experiment config: YAML + key=value overrides + the command's options (last wins)."""
+    from autoprune.experiment import experiment_config
+
+    cfg_path, items = _split(config, overrides)
+    flags: dict[str, Any] = {
+        "search.searchers": searchers,
+        "search.budget": budget,
+        "search.evaluations": evaluations,
+        "search.workers": workers,
+        "search.ray_address": ray_address,
+        "tracking.uri": tracking_uri,
+        "tracking.experiment": experiment,
+    }
+    if seeds is not None:
+        try:
+            flags["search.seeds"] = [int(x) for x in seeds.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    elif seed is not None:
+        flags["search.seeds"] = [seed]
+    extra = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    return experiment_config(cfg_path, [*items, *extra])
+
+
+def _bar_hooks(bar: Progress) -> Any:
+    """Progress bars for an experiment: evaluations, best accuracy so far, cost, ETA."""
+    from autoprune.experiment import Hooks
+
+    class BarHooks(Hooks):
+        def __init__(self, bar: Progress) -> None:
+            self.bar = bar
+            self.job: Any = None
+
+        def task_ready(self, task: Any) -> None:
+            console.print(
+                f"task: {task.config.model.name} on {task.data.name}, {len(task.space)} "
+                f"{task.config.granularity} units, criterion {task.config.criterion}"
+            )
+
+        def search_started(self, searcher: str, seed: int, total: int | None, done: int) -> None:
+            label = f"{searcher} seed {seed}" + (f" (resumed at {done})" if done else "")
+            self.job = self.bar.add_task(label, total=total, best=0.0, cost="-")
+
+        def evaluation(self, record: Any, result: Any) -> None:
+            best = result.best.accuracy if result.best is not None else 0.0
+            cost = ", ".join(f"{k} {v:.3f}" for k, v in record.costs().items())
+            self.bar.update(self.job, completed=record.index, best=best, cost=cost)
+
+        def search_finished(self, outcome: Any) -> None:
+            done = outcome.result.evaluations if outcome.result is not None else None
+            self.bar.update(self.job, total=done, completed=done)
+
+    return BarHooks(bar)
+
+
+def _run(cfg: Any, resume: str | None = None, evaluations: int | None = None) -> Any:
+    from autoprune.experiment import Interrupted, run_experiment
+
+    with _progress() as bar:
+        try:
+            return run_experiment(
+                cfg, resume=resume, hooks=_bar_hooks(bar), evaluations=evaluations
+            )
+        except Interrupted as stop:
+            err.print(
+                "interrupted: every finished evaluation is recorded in MLflow; continue with "
+                f"`autoprune search --resume {stop.parent_id}`"
+                + (f" --tracking-uri {cfg.tracking.uri}" if cfg.tracking.uri else "")
+            )
+            raise typer.Exit(130) from None
+
+
+def _comparison_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title)
+    columns = [
+        ("searcher", "searcher"), ("seed", "seed"), ("status", "status"),
+        ("best search acc", "best_search_accuracy"), ("policy acc", "policy_accuracy"),
+        ("test acc", "test_accuracy"), ("test acc (FT)", "test_accuracy_finetuned"),
+        ("FLOPs", "flops_ratio"), ("params", "params_ratio"), ("evals", "evaluations"),
+        ("seconds", "seconds"),
+    ]  # fmt: skip
+    shown = [(h, k) for h, k in columns if any(r.get(k) is not None for r in rows)]
+    for header, _ in shown:
+        table.add_column(header, justify="left" if header == "searcher" else "right")
+    for r in rows:
+        table.add_row(*(_cell(r.get(k), k) for _, k in shown))
+    caption = (
+        "policy acc: the best policy judged like any policy (search split, adaptive BN, no "
+        "fine-tune; NetAdapt's search accuracy includes its fine-tunes); test acc: held-out test "
+        "split, adaptive BN only"
+    )
+    table.caption = caption
+    return table
+
+
+def _cell(value: Any, key: str = "") -> str:
+    if value is None:
+        return "-"
+    if key in ("evaluations", "seed"):
+        return str(int(value))
+    if key == "seconds":
+        return f"{value:.1f}"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _report(result: Any, out: Path) -> None:
+    """Best per-unit ratios, where they are saved, the MLflow run, how to look at it."""
+    best = result.best()
+    ratios = best.policy.ratios
+    table = Table(title=f"best per-unit ratios: {best.searcher} seed {best.seed}")
+    table.add_column("unit")
+    table.add_column("ratio", justify="right")
+    for unit, r in ratios.items():
+        table.add_row(unit, f"{r:.3f}")
+    console.print(table)
+    console.print(f"best policy: {best.policy.save(out)}")
+    console.print(f"MLflow run: {result.parent_id} (experiment {result.experiment!r})")
+    uri = result.tracking_uri
+    if uri.startswith("sqlite:"):
+        console.print(f"see the runs: mlflow ui --backend-store-uri {uri}")
+    else:
+        console.print(f"see the runs: {uri}")
+
+
 @app.command()
-def demo(
-    budget: Annotated[str, typer.Option(help="Resource budget.")] = "flops=0.5",
-    evaluations: Annotated[int, typer.Option(min=1, help="Policies to evaluate.")] = 40,
-    seed: int = 0,
-    out: Annotated[Path, typer.Option(help="Where to save the best policy.")] = Path(
-        "best_policy.json"
-    ),
+def search(
     config: ConfigArg = None,
     overrides: OverridesArg = None,
+    searcher: SearcherOpt = None,
+    budget: BudgetOpt = None,
+    evaluations: EvalsOpt = None,
+    workers: WorkersOpt = None,
+    ray_address: AddressOpt = None,
+    tracking_uri: UriOpt = None,
+    experiment: ExperimentOpt = None,
+    seed: SeedOpt = None,
+    seeds: SeedsOpt = None,
+    resume: Annotated[
+        str | None, typer.Option(help="Continue an interrupted search (its MLflow run id).")
+    ] = None,
+    out: OutOpt = Path("best_policy.json"),
 ) -> None:
-    """A short default search on the embedded task: uniform vs. random budget-projected policies.
+    """Search per-layer pruning ratios under a budget; record everything in MLflow.
 
-    Example: autoprune demo --budget flops=0.25 --evaluations 60
+    Examples:
+      autoprune search --searcher ddpg --budget flops=0.25 --evaluations 300
+      autoprune search experiments/default.yaml --workers 2 --seeds 0,1,2
+      autoprune search --resume 3f2a... --evaluations 400
     """
-    from autoprune.demo import quick_search
-    from autoprune.policy import Policy
+    if resume is not None:
+        cfg = _experiment_cfg(None, None, tracking_uri=tracking_uri)
+        result = _run(cfg, resume=resume, evaluations=evaluations)
+    else:
+        cfg = _experiment_cfg(
+            config, overrides, [searcher] if searcher else None, budget, evaluations, workers,
+            ray_address, tracking_uri, experiment, seed, seeds,
+        )  # fmt: skip
+        result = _run(cfg)
+    if len(result.outcomes) > 1:
+        console.print(_comparison_table(result.rows(), "searches"))
+    _report(result, out)
 
-    task = _task(config, overrides)
-    spec = task.check_budget(budget)
-    with _progress() as bar:
-        job = bar.add_task("search", total=evaluations, best=0.0)
-        result = quick_search(
-            task,
-            spec,
-            evaluations,
-            seed,
-            callback=lambda i, _r, best: bar.update(job, completed=i, best=best.accuracy),
-        )
-    best = result.best
-    console.print(_ratio_table(f"best per-unit ratios ({spec})", best.ratios, task))
-    console.print(
-        f"best search accuracy {best.accuracy:.4f} at FLOPs {best.flops_ratio:.3f}, params "
-        f"{best.params_ratio:.3f}; uniform policy {result.uniform.accuracy:.4f}; "
-        f"{result.evaluations} evaluations in {result.seconds:.1f} s"
-    )
-    pol = Policy.from_task(
-        task, result.best_ratios, metrics=best.to_dict(), budget=spec.to_dict(), searcher="demo"
-    )
-    console.print(f"policy: {pol.save(out)}")
+
+@app.command()
+def compare(
+    config: ConfigArg = None,
+    overrides: OverridesArg = None,
+    searchers: Annotated[
+        str | None, typer.Option(help="Comma-separated, e.g. ddpg,netadapt,uniform,random.")
+    ] = None,
+    budget: BudgetOpt = None,
+    evaluations: EvalsOpt = None,
+    workers: WorkersOpt = None,
+    ray_address: AddressOpt = None,
+    tracking_uri: UriOpt = None,
+    experiment: ExperimentOpt = None,
+    seeds: SeedsOpt = None,
+    recorded: Annotated[
+        bool, typer.Option(help="Compare the runs already recorded in --experiment; run nothing.")
+    ] = False,
+    out: OutOpt = Path("best_policy.json"),
+) -> None:
+    """Run several searchers on the same task and budget and compare them (or, with
+    --recorded, compare the runs already in an MLflow experiment).
+
+    Examples:
+      autoprune compare experiments/compare.yaml
+      autoprune compare --searchers ddpg,netadapt,uniform,random --budget flops=0.5
+      autoprune compare --recorded --experiment autoprune
+    """
+    if recorded:
+        from autoprune.experiment import recorded_comparison
+
+        name = experiment or "autoprune"
+        rows = recorded_comparison(tracking_uri, name)
+        if not rows:
+            raise ValueError(f"experiment {name!r} has no recorded searches")
+        console.print(_comparison_table(rows, f"recorded searches of {name!r}"))
+        return
+    names = [n for n in searchers.split(",") if n.strip()] if searchers is not None else None
+    cfg = _experiment_cfg(
+        config, overrides, names, budget, evaluations, workers, ray_address, tracking_uri,
+        experiment, None, seeds,
+    )  # fmt: skip
+    result = _run(cfg)
+    console.print(_comparison_table(result.rows(), f"comparison at {cfg.search.budget}"))
+    _report(result, out)
+
+
+@app.command()
+def best(
+    experiment: ExperimentOpt = "autoprune",
+    searcher: SearcherOpt = None,
+    run: Annotated[str | None, typer.Option(help="A search run id (child run).")] = None,
+    tracking_uri: UriOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Also save the policy here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the policy as JSON.")] = False,
+) -> None:
+    """The best per-layer ratios recorded in MLflow (any machine that reaches the server).
+
+    Examples:
+      autoprune best --experiment autoprune --searcher ddpg --out policy.json
+      autoprune best --run 3f2a... --json
+    """
+    from autoprune.policy import Policy
+    from autoprune.tracking import TrackingStore
+
+    store = TrackingStore(tracking_uri)
+    data, run_id = store.best_policy(experiment, searcher, run)
+    policy = Policy.from_dict(data, source=f"run {run_id}")
+    if out is not None:
+        policy.save(out)
+    if as_json:
+        print(policy.to_json())
+        return
+    table = Table(title=f"best policy: {policy.searcher} (run {run_id})")
+    table.add_column("unit")
+    table.add_column("ratio", justify="right")
+    for unit, r in policy.ratios.items():
+        table.add_row(unit, f"{r:.3f}")
+    console.print(table)
+    acc = policy.metrics.get("accuracy")
+    if acc is not None:
+        console.print(f"search accuracy {acc:.4f}, budget {policy.budget}")
+    if out is not None:
+        console.print(f"policy: {out}")
+
+
+@app.command()
+def runs(
+    experiment: ExperimentOpt = "autoprune",
+    tracking_uri: UriOpt = None,
+) -> None:
+    """List the runs of an MLflow experiment and their state.
+
+    Example: autoprune runs --experiment autoprune
+    """
+    from autoprune.tracking import TrackingStore
+
+    rows = TrackingStore(tracking_uri).list_runs(experiment or "autoprune")
+    table = Table(title=f"runs of {experiment!r}")
+    for col in ("run id", "kind", "name", "status", "started", "best acc", "evals", "parent"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["run_id"], str(r.get("kind")), str(r.get("name")), str(r.get("status")),
+            str(r.get("start_time"))[:19], _cell(r.get("best_search_accuracy")),
+            _cell(r.get("evaluations"), "evaluations"), str(r.get("parent_id") or "-"),
+        )  # fmt: skip
+    console.print(table)
 
 
 def _progress() -> Progress:
@@ -270,6 +536,7 @@ def _progress() -> Progress:
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("best {task.fields[best]:.4f}"),
+        TextColumn("{task.fields[cost]}"),
         TimeRemainingColumn(),
         console=console,
         transient=False,
@@ -278,6 +545,8 @@ def _progress() -> Progress:
 
 def main() -> None:
     """Entry point: run the app, turning errors into one line and exit code 2."""
+    # MLflow prints a "View run" line to stdout for servers; keep stdout ours (--json).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         app(standalone_mode=False)
     except (typer.Exit, SystemExit) as exc:

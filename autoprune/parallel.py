@@ -132,6 +132,10 @@ class Backend(ABC):
         """``fn(task, *job)`` for every job (module-level ``fn``); results in job order.
         ``describe(job)`` names a job in errors."""
 
+    @abstractmethod
+    def preload(self, evaluations: Sequence[Evaluation]) -> None:
+        """Answer these policies from memory (a resumed search replays what it recorded)."""
+
     def put(self, obj: Any) -> Any:
         """A handle to send ``obj`` once to every call of :meth:`run` (identity when serial)."""
         return obj
@@ -161,6 +165,9 @@ class SerialBackend(Backend):
 
     def map(self, vecs: Sequence[np.ndarray]) -> list[Evaluation]:
         return [self.evaluator.evaluate(v) for v in vecs]
+
+    def preload(self, evaluations: Sequence[Evaluation]) -> None:
+        self.evaluator.preload(evaluations)
 
     def run(self, fn: WorkerFn, jobs: Sequence[Job], describe: Callable[[Job], str]) -> list[Any]:
         return [fn(self.task, *job) for job in jobs]
@@ -265,19 +272,29 @@ class RayBackend(Backend):
         self._remote = ray.remote(num_cpus=1)(_Actor)
         self.actors: list[Any] = []  # started on first use; see release()
         self._cache: OrderedDict[tuple[int, ...], Evaluation] = OrderedDict()
+        self._recorded: dict[tuple[int, ...], Evaluation] = {}
+        self.recorded: list[Evaluation] = []
         self.calls = 0
 
     def _new_actor(self) -> Any:
         return self._remote.remote(self.spec_ref, self.threads, self.latency, self.predict_latency)
 
     # ------------------------------------------------------------ evaluations
+    def _key(self, vec: np.ndarray) -> tuple[int, ...]:
+        return tuple(int(c) for c in self.task.space.removed_counts(vec))
+
+    def preload(self, evaluations: Sequence[Evaluation]) -> None:
+        self.recorded.extend(evaluations)  # DDPG's environment actors get them too
+        for e in evaluations:
+            self._recorded[self._key(self.task.ratio_vector(e.ratios))] = e
+
     def map(self, vecs: Sequence[np.ndarray]) -> list[Evaluation]:
         vecs = [self.task.ratio_vector(v) for v in vecs]
-        keys = [tuple(int(c) for c in self.task.space.removed_counts(v)) for v in vecs]
+        keys = [self._key(v) for v in vecs]
         self.calls += len(vecs)
         todo: dict[tuple[int, ...], np.ndarray] = {}
         for key, vec in zip(keys, vecs, strict=True):
-            if key not in self._cache and key not in todo:
+            if key not in self._cache and key not in todo and key not in self._recorded:
                 todo[key] = vec
         jobs = [(vec,) for vec in todo.values()]
         results = self._schedule(
@@ -288,7 +305,9 @@ class RayBackend(Backend):
         fresh = dict(zip(todo, results, strict=True))
         out = []
         for key in keys:
-            if key in fresh:
+            if key in self._recorded:
+                out.append(self._recorded[key])
+            elif key in fresh:
                 e = fresh.pop(key)  # the first occurrence is the evaluation itself
                 self._remember(key, e)
                 out.append(e)

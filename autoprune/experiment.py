@@ -1,0 +1,502 @@
+"""Experiments: a task, a budget and searchers x seeds, run and recorded in MLflow; resumable.
+
+An experiment config is a task config (model, data, granularity, criterion, evaluation) plus a
+``search`` section (searchers, budget, evaluations, seeds, workers, per-searcher options) and a
+``tracking`` section (MLflow URI and experiment name). :func:`run_experiment` makes one MLflow
+parent run per launch and a child run per searcher and seed, streams every evaluation to it and
+ends each child with its best policy, history, plots and test accuracy; the parent gets the
+comparison table and plot.
+
+Nothing finished is lost: every evaluation is appended to a local journal
+(``.autoprune/journal/<run id>.jsonl``) the moment it is recorded and streamed to MLflow in
+batches; Ctrl-C flushes and marks the runs KILLED; after a SIGKILL the journal still has what
+MLflow had not yet received. :func:`run_experiment` with ``resume=PARENT_RUN_ID`` uploads the
+journal's missing evaluations, then re-runs every unfinished search with the same seed while
+answering its recorded policies from memory (replay): the searcher's state (agent weights,
+replay buffer, noise, history) is rebuilt exactly as it was, without evaluating anything twice,
+and the search goes on to the requested number of evaluations. NetAdapt's proposals carry
+fine-tuned weights, so a resumed NetAdapt recomputes its finished iterations (nothing is logged
+twice).
+
+This module is the top layer (like the CLI and the service): it imports the searchers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field, ValidationError, field_validator
+
+from autoprune.agents import get_searcher
+from autoprune.agents.base import Record, SearchError, SearchResult
+from autoprune.apply import apply_policy
+from autoprune.budget import Budget
+from autoprune.config import (
+    ConfigError,
+    TaskConfig,
+    _format_error,
+    _Strict,
+    apply_overrides,
+    load_yaml,
+)
+from autoprune.evaluate import Evaluation
+from autoprune.parallel import Backend, make_backend
+from autoprune.policy import Policy
+from autoprune.task import Task, build_task
+from autoprune.tracking import Tracker, TrackingError
+
+JOURNAL_DIR = Path(".autoprune") / "journal"
+
+
+# ------------------------------------------------------------------ config
+
+
+class SearchConfig(_Strict):
+    """What to search: searchers x seeds under one budget."""
+
+    searchers: list[str] = Field(default_factory=lambda: ["ddpg"], min_length=1)
+    budget: str = "flops=0.25"
+    evaluations: int | None = Field(
+        default=300, ge=1, description="Episodes of ddpg / random (others: their own count)."
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    workers: int = Field(default=0, ge=0, description="Ray workers (0: in this process).")
+    ray_address: str | None = None
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-searcher options, e.g. {ddpg: {sigma: 0.3}}."
+    )
+    finetune_epochs: int = Field(
+        default=0, ge=0, description="Fine-tune each best policy this long for its test accuracy."
+    )
+
+    @field_validator("searchers")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        out = [n.strip().lower() for n in names]
+        for n in out:
+            get_searcher(n)  # SearchError (a ValueError) names the known ones
+        return out
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, text: str) -> str:
+        return str(Budget.parse(text))
+
+
+class TrackingConfig(_Strict):
+    """Where runs are recorded."""
+
+    uri: str | None = Field(default=None, description="MLflow URI (default ./mlflow.db).")
+    experiment: str = "autoprune"
+    flush_every: int = Field(default=50, ge=1)
+    flush_seconds: float = Field(default=5.0, gt=0)
+
+
+class ExperimentConfig(TaskConfig):
+    """A task config plus ``search`` and ``tracking``."""
+
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def task(self) -> TaskConfig:
+        return TaskConfig.model_validate(self.model_dump(exclude={"search", "tracking"}))
+
+
+def experiment_config(
+    source: ExperimentConfig | dict[str, Any] | str | Path | None = None,
+    overrides: Sequence[str] = (),
+) -> ExperimentConfig:
+    """Validated experiment config from a YAML path, a dict, a config or nothing (defaults)."""
+    if isinstance(source, ExperimentConfig):
+        data = source.model_dump()
+    elif isinstance(source, dict):
+        data = source
+    elif source is None:
+        data = {}
+    else:
+        data = load_yaml(source)
+    data = apply_overrides(data, list(overrides))
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+    for name, options in cfg.search.options.items():
+        cls = get_searcher(name)
+        unknown = sorted(set(options) - set(cls.defaults) - {"evaluations"})
+        if unknown:
+            raise ConfigError(
+                f"search.options.{name}: unknown option(s) {unknown}; known: {sorted(cls.defaults)}"
+            )
+    return cfg
+
+
+# ------------------------------------------------------------------ journal
+
+
+class Journal:
+    """Append-only local copy of a run's evaluations, written as each one is recorded."""
+
+    def __init__(self, run_id: str, root: Path | None = None) -> None:
+        self.path = (root or Path.cwd()) / JOURNAL_DIR / f"{run_id}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, record: Record) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record.to_dict()) + "\n")
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        out: dict[int, dict[str, Any]] = {}
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            out[int(row["index"])] = row
+        return [out[i] for i in sorted(out)]
+
+
+# ------------------------------------------------------------------ running
+
+
+@dataclass
+class Outcome:
+    """One searcher x seed of an experiment."""
+
+    searcher: str
+    seed: int
+    run_id: str
+    result: SearchResult | None
+    policy: Policy | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    status: str = "FINISHED"
+
+    def row(self) -> dict[str, Any]:
+        m = self.metrics
+        return {
+            "searcher": self.searcher,
+            "seed": self.seed,
+            "best_search_accuracy": m.get("best_search_accuracy"),
+            "policy_accuracy": m.get("policy_accuracy"),
+            "test_accuracy": m.get("test_accuracy"),
+            "test_accuracy_finetuned": m.get("test_accuracy_finetuned"),
+            "flops_ratio": m.get("flops_ratio"),
+            "params_ratio": m.get("params_ratio"),
+            "evaluations": m.get("evaluations"),
+            "seconds": m.get("search_seconds"),
+            "run_id": self.run_id,
+        }
+
+
+@dataclass
+class ExperimentResult:
+    parent_id: str
+    experiment: str
+    tracking_uri: str
+    outcomes: list[Outcome]
+
+    def best(self) -> Outcome:
+        done = [o for o in self.outcomes if o.policy is not None]
+        if not done:
+            raise SearchError("no search of this experiment found a policy within the budget")
+        return max(done, key=lambda o: o.metrics.get("policy_accuracy", -1.0))
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [o.row() for o in self.outcomes]
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during an experiment: everything finished is recorded; resume with the parent id."""
+
+    def __init__(self, parent_id: str) -> None:
+        super().__init__(parent_id)
+        self.parent_id = parent_id
+
+
+class Hooks:
+    """Progress reporting (the CLI draws a progress bar; the default does nothing)."""
+
+    def task_ready(self, task: Task) -> None: ...
+
+    def search_started(self, searcher: str, seed: int, total: int | None, done: int) -> None: ...
+
+    def evaluation(self, record: Record, result: SearchResult) -> None: ...
+
+    def search_finished(self, outcome: Outcome) -> None: ...
+
+
+def _tags(cfg: ExperimentConfig, budget: str) -> dict[str, str]:
+    return {
+        "autoprune.model": cfg.model.name,
+        "autoprune.data": cfg.data.name,
+        "autoprune.granularity": cfg.granularity,
+        "autoprune.criterion": cfg.criterion,
+        "autoprune.budget": budget,
+    }
+
+
+def _evaluation(task: Task, row: dict[str, Any]) -> Evaluation:
+    """A recorded history row as the evaluator's result (costs recomputed, exactly analytic)."""
+    vec = task.ratio_vector(row["ratios"])
+    e = Evaluation.of(
+        task, vec, float(row["accuracy"]), float(row["loss"]),
+        {"total": float(row.get("eval_seconds") or 0.0)}, row.get("latency_ratio"),
+    )  # fmt: skip
+    e.cached = bool(row.get("cached", False))
+    return e
+
+
+def _evaluations_for(cfg: SearchConfig, name: str) -> int | None:
+    options = cfg.options.get(name, {})
+    if "evaluations" in options:
+        return int(options["evaluations"])
+    return cfg.evaluations if get_searcher(name).needs_evaluations else None
+
+
+def test_metrics(task: Task, ratios: dict[str, float], finetune_epochs: int) -> dict[str, float]:
+    """Test accuracy of a policy after adaptive BN, and after fine-tuning when asked."""
+    applied = apply_policy(task, ratios, finetune_epochs=finetune_epochs, latency=False)
+    out = {"test_accuracy": applied.pruned_no_finetune["test_accuracy"]}
+    if finetune_epochs > 0:
+        out["test_accuracy_finetuned"] = applied.after["test_accuracy"]
+    return out
+
+
+def run_experiment(
+    config: ExperimentConfig | None = None,
+    resume: str | None = None,
+    hooks: Hooks | None = None,
+    evaluations: int | None = None,
+) -> ExperimentResult:
+    """Run (or, with ``resume``, continue) an experiment; see the module docstring.
+
+    With ``resume`` the config comes from the parent run (``config`` only supplies the tracking
+    URI); ``evaluations`` changes the requested total of the episodic searchers.
+    """
+    hooks = hooks or Hooks()
+    cfg = config or ExperimentConfig()
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)  # unreachable: fails in seconds
+    if resume is not None:
+        cfg, tracker = _resumed_config(tracker, cfg, resume)
+    if evaluations is not None:
+        cfg = cfg.model_copy(
+            update={"search": cfg.search.model_copy(update={"evaluations": evaluations})}
+        )
+    search = cfg.search
+    task = build_task(cfg.task(), progress=True)
+    budget = task.check_budget(search.budget)
+    for name in search.searchers:  # options and evaluation budgets, before anything runs
+        get_searcher(name)(
+            task, budget, 0, _evaluations_for(search, name), None, None, None,
+            **{k: v for k, v in search.options.get(name, {}).items() if k != "evaluations"},
+        )  # fmt: skip
+    hooks.task_ready(task)
+    config_dict = cfg.model_dump(mode="json")
+    tags = _tags(cfg, str(budget))
+    if resume is None:
+        name = f"{'+'.join(search.searchers)} {budget}"
+        parent = tracker.start_parent(name, config_dict, tags)
+        existing: dict[tuple[str, int], dict[str, Any]] = {}
+    else:
+        parent = resume
+        tracker.reopen(parent)
+        existing = {(c["searcher"], int(c["seed"])): c for c in tracker.child_runs(parent)}
+    outcomes: list[Outcome] = []
+    needs_latency = "latency" in budget.metrics
+    backend = make_backend(task, search.workers, search.ray_address, predict_latency=needs_latency)
+    try:
+        for name in search.searchers:
+            for seed in search.seeds:
+                child = existing.get((name, seed))
+                if child is not None and child["status"] == "FINISHED":
+                    outcomes.append(_finished(tracker, child))
+                    continue
+                outcome = _run_one(
+                    tracker, task, cfg, budget, backend, parent, name, seed, tags, config_dict,
+                    child["run_id"] if child else None, hooks,
+                )  # fmt: skip
+                outcomes.append(outcome)
+    except KeyboardInterrupt:
+        tracker.mark(parent, "KILLED")
+        raise Interrupted(parent) from None
+    except BaseException:
+        tracker.mark(parent, "FAILED")
+        raise
+    finally:
+        backend.close()
+    result = ExperimentResult(parent, cfg.tracking.experiment, tracker.uri, outcomes)
+    _log_comparison(tracker, result)
+    tracker.mark(parent, "FINISHED")
+    return result
+
+
+def _resumed_config(
+    tracker: Tracker, given: ExperimentConfig, parent: str
+) -> tuple[ExperimentConfig, Tracker]:
+    """The config recorded with a parent run (its experiment, the given tracking URI)."""
+    run = tracker.get_run(parent)
+    if run.data.tags.get("autoprune.kind") != "parent":
+        raise TrackingError(f"run {parent} is not an autoprune search launch (a parent run)")
+    data = tracker.config_of(parent)
+    data.setdefault("tracking", {})["uri"] = given.tracking.uri
+    cfg = experiment_config(data)
+    if cfg.tracking.experiment != tracker.experiment:
+        tracker = Tracker(given.tracking.uri, cfg.tracking.experiment)
+    return cfg, tracker
+
+
+def _finished(tracker: Tracker, child: dict[str, Any]) -> Outcome:
+    """A search finished before a resume: its recorded policy and metrics."""
+    policy_dict, _ = tracker.best_policy(run_id=child["run_id"])
+    return Outcome(
+        child["searcher"], int(child["seed"]), child["run_id"], None,
+        Policy.from_dict(policy_dict), dict(child.get("metrics") or {}),
+    )  # fmt: skip
+
+
+def _run_one(
+    tracker: Tracker,
+    task: Task,
+    cfg: ExperimentConfig,
+    budget: Budget,
+    backend: Backend,
+    parent: str,
+    name: str,
+    seed: int,
+    tags: dict[str, str],
+    config_dict: dict[str, Any],
+    run_id: str | None,
+    hooks: Hooks,
+) -> Outcome:
+    search = cfg.search
+    evaluations = _evaluations_for(search, name)
+    if run_id is None:
+        run_id = tracker.start_child(parent, name, seed, config_dict, tags)
+    else:
+        tracker.reopen(run_id)
+    journal = Journal(run_id)
+    recorded = _recover(tracker, journal, run_id)
+    done = len(recorded)
+    logger = tracker.logger(run_id, cfg.tracking.flush_every, cfg.tracking.flush_seconds)
+
+    def callback(record: Record, result: SearchResult) -> None:
+        if record.index > done:  # replayed evaluations are already recorded
+            journal.append(record)
+            logger(record, result)
+        hooks.evaluation(record, result)
+
+    options = {k: v for k, v in search.options.get(name, {}).items() if k != "evaluations"}
+    searcher = get_searcher(name)(
+        task, budget, seed, evaluations, callback, None, backend, **options
+    )
+    if recorded:
+        replay = [_evaluation(task, row) for row in recorded]
+        backend.preload(replay)
+        if searcher.evaluator is not getattr(backend, "evaluator", None):
+            searcher.evaluator.preload(replay)
+    hooks.search_started(name, seed, evaluations, done)
+    try:
+        result = searcher.run()
+    except KeyboardInterrupt:
+        tracker.mark(run_id, "KILLED")
+        raise
+    except BaseException:
+        tracker.mark(run_id, "FAILED")
+        raise
+    result.info["resumed_from"] = done
+    policy = result.policy(task) if result.best is not None else None
+    metrics: dict[str, float] = {}
+    if result.best is not None:
+        best = result.best
+        metrics = {"flops_ratio": best.flops_ratio, "params_ratio": best.params_ratio}
+        # The policy judged like every policy (search split, adaptive BN, dense weights): the
+        # one number that ranks searchers fairly (NetAdapt's search accuracy includes fine-tunes).
+        metrics["policy_accuracy"] = backend.map([task.ratio_vector(best.ratios)])[0].accuracy
+        metrics.update(test_metrics(task, best.ratios, search.finetune_epochs))
+    tracker.finish(run_id, result, policy, extra_metrics=metrics)
+    summary = {
+        **metrics,
+        "evaluations": float(result.evaluations),
+        "search_seconds": result.seconds,
+    }
+    if result.best is not None:
+        summary["best_search_accuracy"] = result.best.accuracy
+    outcome = Outcome(name, seed, run_id, result, policy, summary)
+    hooks.search_finished(outcome)
+    return outcome
+
+
+def _recover(tracker: Tracker, journal: Journal, run_id: str) -> list[dict[str, Any]]:
+    """Evaluations a run recorded before (MLflow, plus what only the local journal has, which is
+    uploaded now), in order. Empty for a new run."""
+    logged = tracker.history(run_id)
+    have = {int(r["index"]) for r in logged}
+    missing = [r for r in journal.rows() if int(r["index"]) not in have]
+    if missing:
+        tracker.log_rows(run_id, missing)
+    rows = {int(r["index"]): r for r in [*logged, *missing]}
+    indices = sorted(rows)
+    if indices != list(range(1, len(indices) + 1)):
+        gap = next(i for i, k in enumerate(indices, 1) if i != k)
+        indices = indices[: gap - 1]  # replay stops at the first gap; the rest is re-run
+    return [rows[i] for i in indices]
+
+
+def _log_comparison(tracker: Tracker, result: ExperimentResult) -> None:
+    rows = [{k: v for k, v in r.items()} for r in result.rows()]
+    tracker.log_table(result.parent_id, rows, "comparison")
+    curves = {
+        f"{o.searcher} seed {o.seed}": o.result.best_so_far()
+        for o in result.outcomes
+        if o.result is not None
+    }
+    if curves:
+        tracker.log_figure(result.parent_id, plot_curves(curves), "comparison.png")
+
+
+def plot_curves(curves: dict[str, list[float]]) -> Any:
+    """Best search accuracy so far vs evaluations, one line per search."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for label, values in curves.items():
+        ax.plot(np.arange(1, len(values) + 1), values, label=label)
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("best search accuracy")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def recorded_comparison(tracker_uri: str | None, experiment: str) -> list[dict[str, Any]]:
+    """The comparison rows of the searches already recorded in an experiment (newest last)."""
+    from autoprune.tracking import TrackingStore
+
+    store = TrackingStore(tracker_uri)
+    rows = []
+    for run in store.list_runs(experiment):
+        if run.get("kind") != "search":
+            continue
+        m = run.get("metrics") or {}
+        rows.append(
+            {
+                "searcher": run["searcher"],
+                "seed": run["seed"],
+                "status": run["status"],
+                "best_search_accuracy": m.get("best_search_accuracy"),
+                "policy_accuracy": m.get("policy_accuracy"),
+                "test_accuracy": m.get("test_accuracy"),
+                "flops_ratio": m.get("flops_ratio"),
+                "evaluations": m.get("evaluations"),
+                "seconds": m.get("search_seconds"),
+                "run_id": run["run_id"],
+            }
+        )
+    return rows
