@@ -1,0 +1,673 @@
+"""The auto-pruning service: an HTTP API to launch searches, follow them and fetch the best ratios.
+
+``autoprune serve`` starts it (uvicorn). A team shares one service: searches run as jobs in the
+service process (several at once up to ``max_concurrent``, the rest queued) with their
+evaluations on Ray (a local Ray, or the cluster at ``ray_address``), and everything is recorded
+in MLflow: a search is an MLflow parent run (its id is the search id) with one child run per
+searcher and seed. The service keeps no state of its own besides uploaded checkpoints and the
+journal of its running searches, so a restart loses nothing: finished searches are served from
+MLflow, searches that were running are reported ``interrupted`` and continue with
+``POST /v1/searches/{id}/resume``, queued ones are queued again.
+
+Security: a bearer token (``AUTOPRUNE_TOKEN`` or a token file) is required on every endpoint but
+``/health``; without a token the service refuses to bind to anything but loopback. Requests name
+zoo models and uploaded checkpoints only: never import strings, server file paths or code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import ipaddress
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import torch
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+
+from autoprune.agents import get_searcher
+from autoprune.config import ConfigError
+from autoprune.experiment import ExperimentConfig, Hooks, experiment_config, run_experiment
+from autoprune.models import MODELS, build_model, state_dict_mismatch
+from autoprune.parallel import init_ray
+from autoprune.tracking import Tracker, TrackingError
+
+API = "/v1"
+KIND_TAG = "autoprune.service.kind"  # search | comparison
+STATE_TAG = "autoprune.service.state"  # queued | running | finished | failed | cancelled
+ERROR_TAG = "autoprune.service.error"
+CHECKPOINT_PREFIX = "ckpt-"
+LIVE = ("queued", "running")
+
+
+class ServiceError(RuntimeError):
+    """The service cannot start as configured."""
+
+
+class Settings(BaseModel):
+    """How the service runs and what it allows."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    token: str | None = None
+    tracking_uri: str | None = None
+    experiment: str = "service"
+    ray_address: str | None = None
+    max_concurrent: int = Field(default=2, ge=0, description="Searches running at once.")
+    max_evaluations: int = Field(default=2000, ge=1)
+    max_workers: int = Field(default=2, ge=1)
+    max_searches_per_request: int = Field(default=12, ge=1, description="searchers x seeds")
+    max_train_epochs: int = Field(default=100, ge=1)
+    max_upload_bytes: int = Field(default=64 * 1024**2, ge=1)
+    state_dir: Path = Path(".autoprune") / "service"
+
+
+def load_token(token_file: Path | None = None) -> str | None:
+    """The bearer token: ``AUTOPRUNE_TOKEN``, else the first line of ``token_file``."""
+    token = os.environ.get("AUTOPRUNE_TOKEN", "").strip()
+    if token:
+        return token
+    if token_file is not None:
+        if not token_file.is_file():
+            raise ServiceError(f"token file not found: {token_file}")
+        lines = token_file.read_text().splitlines()
+        token = lines[0].strip() if lines else ""
+        if not token:
+            raise ServiceError(f"token file {token_file} is empty")
+        return token
+    return None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(settings: Settings) -> None:
+    """Refuse an unauthenticated service on anything but loopback."""
+    if not settings.token and not is_loopback(settings.host):
+        raise ServiceError(
+            f"refusing to listen on {settings.host} without a token: set AUTOPRUNE_TOKEN or "
+            "--token-file (without a token the service binds to loopback only)"
+        )
+
+
+# ------------------------------------------------------------------ API models
+
+
+class Progress(BaseModel):
+    done: int
+    requested: int | None
+
+
+class SearchStatus(BaseModel):
+    id: str
+    kind: Literal["search", "comparison"]
+    state: Literal["queued", "running", "finished", "failed", "cancelled", "interrupted"]
+    progress: Progress
+    best_accuracy: float | None
+    cost: dict[str, float] | None
+    mlflow_run_id: str
+    error: str | None = None
+
+
+class SearchList(BaseModel):
+    searches: list[SearchStatus]
+
+
+class Accepted(BaseModel):
+    id: str
+    state: str
+
+
+class Comparison(BaseModel):
+    id: str
+    state: str
+    rows: list[dict[str, Any]]
+
+
+class Checkpoint(BaseModel):
+    id: str
+    model: str
+    sha256: str
+    bytes: int
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+
+
+# ------------------------------------------------------------------ jobs
+
+
+class Cancelled(KeyboardInterrupt):
+    """Raised inside a search to stop it (cancel, or the service shutting down)."""
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str
+    config: ExperimentConfig
+    state: str = "queued"
+    done: int = 0
+    best: float | None = None
+    cost: dict[str, float] | None = None
+    error: str | None = None
+    stop: str | None = None  # "cancel" | "shutdown"
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+
+
+def requested(cfg: ExperimentConfig) -> int | None:
+    """Evaluations a launch asks for, when every searcher has a fixed count."""
+    total = 0
+    for name in cfg.search.searchers:
+        options = cfg.search.options.get(name, {})
+        if "evaluations" in options:
+            n = int(options["evaluations"])
+        elif get_searcher(name).needs_evaluations and cfg.search.evaluations is not None:
+            n = cfg.search.evaluations
+        elif name in ("uniform", "global"):
+            n = 1
+        else:
+            return None
+        total += n * len(cfg.search.seeds)
+    return total
+
+
+class _JobHooks(Hooks):
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.key: tuple[str, int] = ("", 0)
+        self.base = 0
+
+    def search_started(self, searcher: str, seed: int, total: int | None, done: int) -> None:
+        self.key = (searcher, seed)
+        self.base = self.job.done - done  # evaluations of earlier searches of this launch
+
+    def evaluation(self, record: Any, result: Any) -> None:
+        job = self.job
+        job.done = self.base + record.index
+        if result.best is not None and (job.best is None or result.best.accuracy > job.best):
+            job.best = result.best.accuracy
+            job.cost = result.best.costs()
+        if job.stop is not None:
+            raise Cancelled(job.stop)
+
+
+class JobManager:
+    """Runs launches in ``max_concurrent`` threads; their state lives in MLflow tags."""
+
+    def __init__(self, settings: Settings, tracker: Tracker, start: bool = True) -> None:
+        self.settings = settings
+        self.tracker = tracker
+        self.jobs: dict[str, Job] = {}
+        self.queue: queue.Queue[tuple[Job, bool] | None] = queue.Queue()
+        self.lock = threading.Lock()
+        self.threads = [
+            threading.Thread(target=self._worker, daemon=True, name=f"autoprune-job-{i}")
+            for i in range(settings.max_concurrent if start else 0)
+        ]
+        for t in self.threads:
+            t.start()
+
+    # --------------------------------------------------------------- launches
+    def submit(self, cfg: ExperimentConfig, kind: str) -> Job:
+        tags = {KIND_TAG: kind, STATE_TAG: "queued"}
+        name = f"{kind}: {'+'.join(cfg.search.searchers)} {cfg.search.budget}"
+        run_id = self.tracker.start_parent(name, cfg.model_dump(mode="json"), tags)
+        job = Job(run_id, kind, cfg)
+        self._enqueue(job, resume=True)  # the parent exists: the runner continues it
+        return job
+
+    def resume(self, run_id: str, kind: str, cfg: ExperimentConfig) -> Job:
+        job = Job(run_id, kind, cfg)
+        self._set_state(job, "queued")
+        self._enqueue(job, resume=True)
+        return job
+
+    def _enqueue(self, job: Job, resume: bool) -> None:
+        with self.lock:
+            self.jobs[job.id] = job
+        self.queue.put((job, resume))
+
+    def cancel(self, job: Job) -> None:
+        job.stop = "cancel"
+        if job.state == "queued":
+            self._set_state(job, "cancelled")
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop running launches (they become ``interrupted``) and the worker threads."""
+        for job in list(self.jobs.values()):
+            if job.state in LIVE:
+                job.stop = "shutdown"
+        for _ in self.threads:
+            self.queue.put(None)
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    # --------------------------------------------------------------- running
+    def _worker(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            job, resume = item
+            if job.stop is not None:
+                continue
+            self._run(job, resume)
+
+    def _run(self, job: Job, resume: bool) -> None:
+        self._set_state(job, "running")
+        try:
+            run_experiment(job.config, resume=job.id if resume else None, hooks=_JobHooks(job))
+        except KeyboardInterrupt:  # Cancelled, surfaced as experiment.Interrupted
+            if job.stop == "cancel":
+                self._set_state(job, "cancelled")
+            else:  # shutdown: the MLflow tag stays "running", read back as "interrupted"
+                job.state = "interrupted"
+            return
+        except Exception as exc:  # the job fails, the service goes on
+            job.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            self.tracker.client.set_tag(job.id, ERROR_TAG, job.error)
+            self._set_state(job, "failed")
+            return
+        self._set_state(job, "finished")
+
+    def _set_state(self, job: Job, state: str) -> None:
+        job.state = state
+        self.tracker.client.set_tag(job.id, STATE_TAG, state)
+
+
+# ------------------------------------------------------------------ the app
+
+
+def _unprocessable(loc: list[str | int], msg: str) -> RequestValidationError:
+    return RequestValidationError([{"loc": ["body", *loc], "msg": msg, "type": "value_error"}])
+
+
+class Service:
+    """State and logic behind the endpoints (the app is a thin layer over it)."""
+
+    def __init__(self, settings: Settings, start_jobs: bool = True) -> None:
+        self.settings = settings
+        self.checkpoints = settings.state_dir / "checkpoints"
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.tracker = Tracker(settings.tracking_uri, settings.experiment)
+        if start_jobs:  # one Ray for every job: local with every core, or the cluster
+            cores = os.cpu_count() or 1
+            init_ray(max(cores, settings.max_workers), settings.ray_address)
+        self.jobs = JobManager(settings, self.tracker, start=start_jobs)
+        self._terminal: dict[str, SearchStatus] = {}
+        self._requeue()
+
+    # --------------------------------------------------------------- requests
+    def validate(self, body: ExperimentConfig, kind: str) -> ExperimentConfig:
+        """The service's rules on top of the config schema; 422 with the field path."""
+        s = self.settings
+        if body.model.name not in MODELS:
+            raise _unprocessable(
+                ["model", "name"], f"choose a zoo model: {sorted(MODELS)} (no import strings)"
+            )
+        if body.model.kwargs:
+            raise _unprocessable(["model", "kwargs"], "model kwargs are not accepted")
+        checkpoint = body.model.checkpoint
+        if checkpoint is not None:
+            meta = self._checkpoint_meta(checkpoint)
+            if meta is None:
+                raise _unprocessable(
+                    ["model", "checkpoint"],
+                    "unknown checkpoint id: upload weights with POST /v1/checkpoints (file "
+                    "paths are not accepted)",
+                )
+            if meta["model"] != body.model.name:
+                raise _unprocessable(
+                    ["model", "checkpoint"],
+                    f"checkpoint {checkpoint} is for {meta['model']}, not {body.model.name}",
+                )
+        if body.data.name != "digits" or body.data.path is not None:
+            raise _unprocessable(["data"], "the service serves the digits data only (no paths)")
+        if body.search.ray_address is not None:
+            raise _unprocessable(["search", "ray_address"], "the service chooses where Ray runs")
+        if body.tracking.uri is not None or body.tracking.experiment != "autoprune":
+            raise _unprocessable(["tracking"], "the service chooses the tracking store")
+        if body.train.epochs > s.max_train_epochs:
+            raise _unprocessable(["train", "epochs"], f"at most {s.max_train_epochs}")
+        if body.search.evaluations is not None and body.search.evaluations > s.max_evaluations:
+            raise _unprocessable(["search", "evaluations"], f"at most {s.max_evaluations}")
+        if body.search.workers > s.max_workers:
+            raise _unprocessable(["search", "workers"], f"at most {s.max_workers}")
+        if len(body.search.searchers) * len(body.search.seeds) > s.max_searches_per_request:
+            raise _unprocessable(
+                ["search"], f"at most {s.max_searches_per_request} searchers x seeds"
+            )
+        if kind == "comparison" and len(set(body.search.searchers)) < 2:
+            raise _unprocessable(["search", "searchers"], "a comparison needs two searchers")
+        try:
+            experiment_config(body.model_dump())  # per-searcher options
+        except ConfigError as err:
+            raise _unprocessable(["search", "options"], str(err)) from None
+        for name, options in body.search.options.items():
+            n = options.get("evaluations")
+            if n is not None and (not isinstance(n, int) or not 1 <= n <= s.max_evaluations):
+                raise _unprocessable(
+                    ["search", "options", name, "evaluations"],
+                    f"an integer in [1, {s.max_evaluations}]",
+                )
+        data = body.model_dump()
+        if checkpoint is not None:
+            data["model"]["checkpoint"] = str(self.checkpoints / f"{checkpoint}.pt")
+        data["tracking"] = {"uri": self.tracker.uri, "experiment": s.experiment}
+        data["search"]["workers"] = max(1, body.search.workers)  # evaluations run on Ray
+        data["search"]["ray_address"] = s.ray_address
+        return experiment_config(data)
+
+    def launch(self, body: ExperimentConfig, kind: str) -> Accepted:
+        job = self.jobs.submit(self.validate(body, kind), kind)
+        return Accepted(id=job.id, state=job.state)
+
+    def _run(self, search_id: str) -> Any:
+        try:
+            run = self.tracker.get_run(search_id)
+        except TrackingError:
+            raise HTTPException(404, f"no search {search_id}") from None
+        if run.data.tags.get(KIND_TAG) is None or run.info.experiment_id != str(
+            self.tracker.experiment_id
+        ):
+            raise HTTPException(404, f"no search {search_id}")
+        return run
+
+    def status(self, search_id: str) -> SearchStatus:
+        job = self.jobs.jobs.get(search_id)
+        if job is not None and job.state in LIVE:
+            return SearchStatus(
+                id=job.id, kind=job.kind, state=job.state,  # type: ignore[arg-type]
+                progress=Progress(done=job.done, requested=requested(job.config)),
+                best_accuracy=job.best, cost=job.cost, mlflow_run_id=job.id, error=job.error,
+            )  # fmt: skip
+        if search_id in self._terminal:
+            return self._terminal[search_id]
+        run = self._run(search_id)
+        status = self._recorded_status(run)
+        if status.state in ("finished", "failed", "cancelled"):
+            self._terminal[search_id] = status
+        return status
+
+    def _recorded_status(self, run: Any) -> SearchStatus:
+        tags = run.data.tags
+        state = tags.get(STATE_TAG, "interrupted")
+        job = self.jobs.jobs.get(run.info.run_id)
+        if state in LIVE and (job is None or job.state not in LIVE):
+            state = "interrupted"
+        children = self.tracker.child_runs(run.info.run_id)
+        done, best, cost = 0, None, None
+        for child in children:
+            metrics = child.get("metrics") or {}
+            if child["status"] == "FINISHED":
+                done += int(metrics.get("evaluations", 0))
+                acc = metrics.get("best_search_accuracy")
+                if acc is not None and (best is None or acc > best):
+                    best = acc
+                    cost = {
+                        k.removeprefix("best_"): metrics[k]
+                        for k in ("best_flops_ratio", "best_params_ratio")
+                        if k in metrics
+                    }
+            else:
+                rows = self.tracker.history(child["run_id"])
+                done += len(rows)
+                for r in rows:
+                    if r["meets_budget"] and (best is None or r["accuracy"] > best):
+                        best = r["accuracy"]
+                        cost = {"flops_ratio": r["flops_ratio"], "params_ratio": r["params_ratio"]}
+        cfg = experiment_config(self.tracker.config_of(run.info.run_id))
+        return SearchStatus(
+            id=run.info.run_id, kind=tags.get(KIND_TAG, "search"), state=state,
+            progress=Progress(done=done, requested=requested(cfg)), best_accuracy=best,
+            cost=cost, mlflow_run_id=run.info.run_id, error=tags.get(ERROR_TAG),
+        )  # fmt: skip
+
+    def list(self) -> SearchList:
+        runs = self.tracker._search(
+            str(self.tracker.experiment_id),
+            "tags.`autoprune.kind` = 'parent'",
+            "attributes.start_time DESC",
+        )
+        ids = [r.info.run_id for r in runs if r.data.tags.get(KIND_TAG)]
+        return SearchList(searches=[self.status(i) for i in ids])
+
+    def policy(self, search_id: str) -> dict[str, Any]:
+        self._run(search_id)
+        children = [c for c in self.tracker.child_runs(search_id) if c["status"] == "FINISHED"]
+        if not children:
+            raise HTTPException(409, f"search {search_id} has no finished search with a policy yet")
+
+        def rank(child: dict[str, Any]) -> float:
+            m = child.get("metrics") or {}
+            return float(m.get("policy_accuracy", m.get("best_search_accuracy", -1.0)))
+
+        for child in sorted(children, key=rank, reverse=True):
+            try:
+                data, _ = self.tracker.best_policy(run_id=child["run_id"])
+                return data
+            except TrackingError:
+                continue  # a search that found nothing within the budget
+        raise HTTPException(409, f"search {search_id} found no policy within its budget")
+
+    def comparison(self, search_id: str) -> Comparison:
+        status = self.status(search_id)
+        if status.kind != "comparison":
+            raise HTTPException(404, f"no comparison {search_id} (it is a search)")
+        rows = []
+        for child in self.tracker.child_runs(search_id):
+            m = child.get("metrics") or {}
+            rows.append(
+                {
+                    "searcher": child["searcher"], "seed": child["seed"],
+                    "status": child["status"],
+                    **{k: m.get(k) for k in (
+                        "best_search_accuracy", "policy_accuracy", "test_accuracy",
+                        "best_flops_ratio", "best_params_ratio", "evaluations", "search_seconds",
+                    )},
+                    "run_id": child["run_id"],
+                }
+            )  # fmt: skip
+        return Comparison(id=search_id, state=status.state, rows=rows)
+
+    def cancel(self, search_id: str) -> SearchStatus:
+        job = self.jobs.jobs.get(search_id)
+        if job is None or job.state not in LIVE:
+            self._run(search_id)
+            raise HTTPException(409, f"search {search_id} is not queued or running")
+        self.jobs.cancel(job)
+        deadline = time.monotonic() + 10
+        while job.state in LIVE and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.status(search_id)
+
+    def resume(self, search_id: str) -> Accepted:
+        status = self.status(search_id)
+        if status.state not in ("interrupted", "cancelled", "failed"):
+            raise HTTPException(409, f"search {search_id} is {status.state}; nothing to resume")
+        cfg = experiment_config(self.tracker.config_of(search_id))
+        self._terminal.pop(search_id, None)
+        job = self.jobs.resume(search_id, status.kind, cfg)
+        return Accepted(id=job.id, state=job.state)
+
+    def _requeue(self) -> None:
+        """After a restart: launches still queued are queued again."""
+        runs = self.tracker._search(
+            str(self.tracker.experiment_id), f"tags.`{STATE_TAG}` = 'queued'"
+        )
+        for run in runs:
+            cfg = experiment_config(self.tracker.config_of(run.info.run_id))
+            self.jobs.resume(run.info.run_id, run.data.tags.get(KIND_TAG, "search"), cfg)
+
+    # --------------------------------------------------------------- checkpoints
+    def _checkpoint_meta(self, checkpoint_id: str) -> dict[str, Any] | None:
+        if not checkpoint_id.startswith(CHECKPOINT_PREFIX) or not checkpoint_id[5:].isalnum():
+            return None
+        meta = self.checkpoints / f"{checkpoint_id}.json"
+        return json.loads(meta.read_text()) if meta.is_file() else None
+
+    async def upload(self, request: Request, model: str) -> Checkpoint:
+        if model not in MODELS:
+            raise HTTPException(422, f"unknown zoo model {model!r}; choose from {sorted(MODELS)}")
+        limit = self.settings.max_upload_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise HTTPException(413, f"checkpoint larger than {limit} bytes")
+        data = bytearray()
+        async for chunk in request.stream():
+            data.extend(chunk)
+            if len(data) > limit:
+                raise HTTPException(413, f"checkpoint larger than {limit} bytes")
+        try:
+            obj = torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=True)
+        except Exception as exc:  # not a torch file, or unsafe content
+            raise HTTPException(422, f"not a loadable state dict: {str(exc)[:200]}") from None
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+        ):
+            raise HTTPException(422, "the file is not a state dict (names -> tensors)")
+        net = build_model(model, 1, 10)  # the service's data: digits (1 channel, 10 classes)
+        problems = state_dict_mismatch(net.state_dict(), obj)
+        if problems:
+            raise HTTPException(422, f"the weights do not fit {model} on digits: {problems}")
+        sha = hashlib.sha256(bytes(data)).hexdigest()
+        checkpoint_id = CHECKPOINT_PREFIX + sha[:16]
+        (self.checkpoints / f"{checkpoint_id}.pt").write_bytes(bytes(data))
+        meta = {"id": checkpoint_id, "model": model, "sha256": sha, "bytes": len(data)}
+        meta["created"] = datetime.now(UTC).isoformat()
+        (self.checkpoints / f"{checkpoint_id}.json").write_text(json.dumps(meta))
+        return Checkpoint(id=checkpoint_id, model=model, sha256=sha, bytes=len(data))
+
+
+_BEARER = HTTPBearer(auto_error=False)
+
+
+def _authorize(
+    request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
+) -> None:
+    """Every endpoint but /health: the bearer token, when the service has one."""
+    token = request.app.state.service.settings.token
+    if not token:
+        return
+    given = creds.credentials if creds is not None else ""
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        challenge = {"WWW-Authenticate": "Bearer"}
+        raise HTTPException(401, "missing or wrong bearer token", challenge)
+
+
+def create_app(settings: Settings, start_jobs: bool = True) -> FastAPI:
+    """The FastAPI app (``start_jobs=False``: searches are accepted and stay queued, for API
+    tests that must not run them)."""
+    from autoprune._version import __version__
+
+    check_bind(settings)
+    service = Service(settings, start_jobs=start_jobs)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        service.jobs.shutdown()
+
+    app = FastAPI(
+        title="autoprune",
+        version=__version__,
+        description="Automatic pruning searches: launch, follow, fetch the best per-layer ratios.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    auth = [Depends(_authorize)]
+    errors: dict[int | str, dict[str, Any]] = {
+        401: {"description": "Missing or wrong bearer token"},
+        404: {"description": "Unknown id"},
+        422: {"description": "Invalid request (the field path is in detail[].loc)"},
+    }
+
+    conflict = {**errors, 409: {"description": "Not possible in the search's current state"}}
+
+    @app.get("/health", response_model=Health)
+    def health() -> Health:
+        return Health(status="ok", version=__version__)
+
+    @app.post(f"{API}/searches", status_code=202, response_model=Accepted, dependencies=auth,
+              responses=errors)  # fmt: skip
+    def create_search(body: ExperimentConfig) -> Accepted:
+        return service.launch(body, "search")
+
+    @app.get(f"{API}/searches", response_model=SearchList, dependencies=auth, responses=errors)
+    def list_searches() -> SearchList:
+        return service.list()
+
+    @app.get(f"{API}/searches/{{search_id}}", response_model=SearchStatus, dependencies=auth,
+             responses=errors)  # fmt: skip
+    def get_search(search_id: str) -> SearchStatus:
+        return service.status(search_id)
+
+    @app.get(f"{API}/searches/{{search_id}}/policy", response_model=dict[str, Any],
+             dependencies=auth, responses=conflict)  # fmt: skip
+    def get_policy(search_id: str) -> dict[str, Any]:
+        return service.policy(search_id)
+
+    @app.delete(f"{API}/searches/{{search_id}}", response_model=SearchStatus, dependencies=auth,
+                responses=conflict)  # fmt: skip
+    def cancel_search(search_id: str) -> SearchStatus:
+        return service.cancel(search_id)
+
+    @app.post(f"{API}/searches/{{search_id}}/resume", status_code=202, response_model=Accepted,
+              dependencies=auth, responses=conflict)  # fmt: skip
+    def resume_search(search_id: str) -> Accepted:
+        return service.resume(search_id)
+
+    @app.post(f"{API}/comparisons", status_code=202, response_model=Accepted, dependencies=auth,
+              responses=errors)  # fmt: skip
+    def create_comparison(body: ExperimentConfig) -> Accepted:
+        return service.launch(body, "comparison")
+
+    @app.get(f"{API}/comparisons/{{search_id}}", response_model=Comparison, dependencies=auth,
+             responses=errors)  # fmt: skip
+    def get_comparison(search_id: str) -> Comparison:
+        return service.comparison(search_id)
+
+    @app.post(f"{API}/checkpoints", status_code=201, response_model=Checkpoint,
+              dependencies=auth, responses={**errors, 413: {"description": "Too large"}},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+              }}})  # fmt: skip
+    async def upload_checkpoint(
+        request: Request, model: str = Query(description="Zoo model name, e.g. resnet20")
+    ) -> Checkpoint:
+        return await service.upload(request, model)
+
+    return app
+
+
+def serve(settings: Settings, log_level: str = "info") -> None:
+    """Run the service with uvicorn until interrupted."""
+    import uvicorn
+
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level)
