@@ -426,12 +426,15 @@ def make_backend(
     latency: bool | None = None,
     predict_latency: bool = False,
     evaluator: Evaluator | None = None,
+    threads: int | None = None,
 ) -> Backend:
-    """``workers=0``: serial, in this process; otherwise a Ray pool (local or ``ray_address``)."""
+    """``workers=0``: serial, in this process; otherwise a Ray pool (local or ``ray_address``)
+    whose actors use ``threads`` torch threads each (default: cores // workers locally, 1 on a
+    cluster)."""
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
     if workers == 0:
         if ray_address:
             raise ValueError("ray_address needs workers >= 1")
         return SerialBackend(task, latency, predict_latency, evaluator)
-    return RayBackend(task, workers, ray_address, latency, predict_latency)
+    return RayBackend(task, workers, ray_address, latency, predict_latency, threads)

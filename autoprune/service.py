@@ -27,13 +27,14 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
@@ -173,7 +174,7 @@ class Job:
     cost: dict[str, float] | None = None
     error: str | None = None
     stop: str | None = None  # "cancel" | "shutdown"
-    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    requested: int | None = None
 
 
 def requested(cfg: ExperimentConfig) -> int | None:
@@ -234,12 +235,12 @@ class JobManager:
         tags = {KIND_TAG: kind, STATE_TAG: "queued"}
         name = f"{kind}: {'+'.join(cfg.search.searchers)} {cfg.search.budget}"
         run_id = self.tracker.start_parent(name, cfg.model_dump(mode="json"), tags)
-        job = Job(run_id, kind, cfg)
+        job = Job(run_id, kind, cfg, requested=requested(cfg))
         self._enqueue(job, resume=True)  # the parent exists: the runner continues it
         return job
 
     def resume(self, run_id: str, kind: str, cfg: ExperimentConfig) -> Job:
-        job = Job(run_id, kind, cfg)
+        job = Job(run_id, kind, cfg, requested=requested(cfg))
         self._set_state(job, "queued")
         self._enqueue(job, resume=True)
         return job
@@ -378,6 +379,9 @@ class Service:
             data["model"]["checkpoint"] = str(self.checkpoints / f"{checkpoint}.pt")
         data["tracking"] = {"uri": self.tracker.uri, "experiment": s.experiment}
         data["search"]["workers"] = max(1, body.search.workers)  # evaluations run on Ray
+        # One torch thread per worker: the service's own requests share the cores, and torch's
+        # intra-op threads slow down many times over when their cores are busy.
+        data["search"]["worker_threads"] = 1
         data["search"]["ray_address"] = s.ray_address
         return experiment_config(data)
 
@@ -396,14 +400,21 @@ class Service:
             raise HTTPException(404, f"no search {search_id}")
         return run
 
-    def status(self, search_id: str) -> SearchStatus:
+    def live_status(self, search_id: str) -> SearchStatus | None:
+        """The status of a queued or running launch of this process (no I/O), else None."""
         job = self.jobs.jobs.get(search_id)
-        if job is not None and job.state in LIVE:
-            return SearchStatus(
-                id=job.id, kind=job.kind, state=job.state,  # type: ignore[arg-type]
-                progress=Progress(done=job.done, requested=requested(job.config)),
-                best_accuracy=job.best, cost=job.cost, mlflow_run_id=job.id, error=job.error,
-            )  # fmt: skip
+        if job is None or job.state not in LIVE:
+            return None
+        return SearchStatus(
+            id=job.id, kind=job.kind, state=job.state,  # type: ignore[arg-type]
+            progress=Progress(done=job.done, requested=job.requested),
+            best_accuracy=job.best, cost=job.cost, mlflow_run_id=job.id, error=job.error,
+        )  # fmt: skip
+
+    def status(self, search_id: str) -> SearchStatus:
+        live = self.live_status(search_id)
+        if live is not None:
+            return live
         if search_id in self._terminal:
             return self._terminal[search_id]
         run = self._run(search_id)
@@ -624,8 +635,11 @@ def create_app(settings: Settings, start_jobs: bool = True) -> FastAPI:
 
     @app.get(f"{API}/searches/{{search_id}}", response_model=SearchStatus, dependencies=auth,
              responses=errors)  # fmt: skip
-    def get_search(search_id: str) -> SearchStatus:
-        return service.status(search_id)
+    async def get_search(search_id: str) -> SearchStatus:
+        live = service.live_status(search_id)  # in memory: answered on the event loop
+        if live is not None:
+            return live
+        return await run_in_threadpool(service.status, search_id)
 
     @app.get(f"{API}/searches/{{search_id}}/policy", response_model=dict[str, Any],
              dependencies=auth, responses=conflict)  # fmt: skip
