@@ -323,7 +323,8 @@ def _run(cfg: Any, resume: str | None = None, evaluations: int | None = None) ->
             err.print(
                 "interrupted: every finished evaluation is recorded in MLflow; continue with "
                 f"`autoprune search --resume {stop.parent_id}`"
-                + (f" --tracking-uri {cfg.tracking.uri}" if cfg.tracking.uri else "")
+                + (f" --tracking-uri {cfg.tracking.uri}" if cfg.tracking.uri else ""),
+                soft_wrap=True,
             )
             raise typer.Exit(130) from None
 
@@ -530,6 +531,42 @@ def runs(
     console.print(table)
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    tracking_uri: UriOpt = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment of the service.")] = "service",
+    ray_address: AddressOpt = None,
+    token_file: Annotated[
+        Path | None, typer.Option(help="File holding the bearer token (or AUTOPRUNE_TOKEN).")
+    ] = None,
+    max_concurrent: Annotated[int, typer.Option(min=1, help="Searches running at once.")] = 2,
+    max_workers: Annotated[int, typer.Option(min=1, help="Ray workers per search.")] = 2,
+    max_evaluations: Annotated[int, typer.Option(min=1, help="Evaluations per search.")] = 2000,
+    max_upload_mb: Annotated[int, typer.Option(min=1, help="Checkpoint upload limit.")] = 64,
+) -> None:
+    """The HTTP service: launch searches, follow them, fetch the best per-layer ratios.
+
+    OpenAPI schema at /openapi.json (docs at /docs). Without a token it binds to loopback only.
+
+    Examples:
+      autoprune serve --port 8080
+      AUTOPRUNE_TOKEN=... autoprune serve --host 0.0.0.0 --ray-address auto
+    """
+    from autoprune.service import Settings, check_bind, load_token
+    from autoprune.service import serve as run_service
+
+    settings = Settings(
+        host=host, port=port, token=load_token(token_file), tracking_uri=tracking_uri,
+        experiment=experiment, ray_address=ray_address, max_concurrent=max_concurrent,
+        max_workers=max_workers, max_evaluations=max_evaluations,
+        max_upload_bytes=max_upload_mb * 1024**2,
+    )  # fmt: skip
+    check_bind(settings)
+    run_service(settings)
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"),
@@ -548,7 +585,10 @@ def main() -> None:
     # MLflow prints a "View run" line to stdout for servers; keep stdout ours (--json).
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns (not raises) the code of a typer.Exit.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code or 0)
@@ -559,6 +599,8 @@ def main() -> None:
         if STATE["debug"]:
             raise
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        # One line even when the message has several (YAML parse errors quote the source).
+        message = " ".join(line.strip() for line in message.splitlines() if line.strip())
         err.print(f"error: {message}", highlight=False, soft_wrap=True)
         sys.exit(2)
 

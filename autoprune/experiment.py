@@ -67,6 +67,9 @@ class SearchConfig(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     workers: int = Field(default=0, ge=0, description="Ray workers (0: in this process).")
     ray_address: str | None = None
+    worker_threads: int | None = Field(
+        default=None, ge=1, description="torch threads per Ray worker (None: cores // workers)."
+    )
     options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per-searcher options, e.g. {ddpg: {sigma: 0.3}}."
     )
@@ -186,8 +189,8 @@ class Outcome:
             "policy_accuracy": m.get("policy_accuracy"),
             "test_accuracy": m.get("test_accuracy"),
             "test_accuracy_finetuned": m.get("test_accuracy_finetuned"),
-            "flops_ratio": m.get("flops_ratio"),
-            "params_ratio": m.get("params_ratio"),
+            "flops_ratio": m.get("best_flops_ratio"),
+            "params_ratio": m.get("best_params_ratio"),
             "evaluations": m.get("evaluations"),
             "seconds": m.get("search_seconds"),
             "run_id": self.run_id,
@@ -309,7 +312,10 @@ def run_experiment(
         existing = {(c["searcher"], int(c["seed"])): c for c in tracker.child_runs(parent)}
     outcomes: list[Outcome] = []
     needs_latency = "latency" in budget.metrics
-    backend = make_backend(task, search.workers, search.ray_address, predict_latency=needs_latency)
+    backend = make_backend(
+        task, search.workers, search.ray_address, predict_latency=needs_latency,
+        threads=search.worker_threads,
+    )  # fmt: skip
     try:
         for name in search.searchers:
             for seed in search.seeds:
@@ -414,7 +420,7 @@ def _run_one(
     metrics: dict[str, float] = {}
     if result.best is not None:
         best = result.best
-        metrics = {"flops_ratio": best.flops_ratio, "params_ratio": best.params_ratio}
+        metrics = {"best_flops_ratio": best.flops_ratio, "best_params_ratio": best.params_ratio}
         # The policy judged like every policy (search split, adaptive BN, dense weights): the
         # one number that ranks searchers fairly (NetAdapt's search accuracy includes fine-tunes).
         metrics["policy_accuracy"] = backend.map([task.ratio_vector(best.ratios)])[0].accuracy
@@ -437,6 +443,11 @@ def _recover(tracker: Tracker, journal: Journal, run_id: str) -> list[dict[str, 
     uploaded now), in order. Empty for a new run."""
     logged = tracker.history(run_id)
     have = {int(r["index"]) for r in logged}
+    # Killed between a flush's history chunk and its metrics: those steps have no metrics yet.
+    stepped = tracker.logged_steps(run_id)
+    unstepped = [r for r in logged if int(r["index"]) not in stepped]
+    if unstepped:
+        tracker.log_rows(run_id, unstepped, chunk=False)
     missing = [r for r in journal.rows() if int(r["index"]) not in have]
     if missing:
         tracker.log_rows(run_id, missing)
@@ -493,7 +504,7 @@ def recorded_comparison(tracker_uri: str | None, experiment: str) -> list[dict[s
                 "best_search_accuracy": m.get("best_search_accuracy"),
                 "policy_accuracy": m.get("policy_accuracy"),
                 "test_accuracy": m.get("test_accuracy"),
-                "flops_ratio": m.get("flops_ratio"),
+                "flops_ratio": m.get("best_flops_ratio"),
                 "evaluations": m.get("evaluations"),
                 "seconds": m.get("search_seconds"),
                 "run_id": run["run_id"],

@@ -16,6 +16,7 @@ zoo models and uploaded checkpoints only: never import strings, server file path
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import io
@@ -74,6 +75,9 @@ class Settings(BaseModel):
     max_train_epochs: int = Field(default=100, ge=1)
     max_upload_bytes: int = Field(default=64 * 1024**2, ge=1)
     state_dir: Path = Path(".autoprune") / "service"
+    http_nice: int = Field(
+        default=10, ge=0, le=19, description="CPU niceness of the HTTP thread vs the searches."
+    )
 
 
 def load_token(token_file: Path | None = None) -> str | None:
@@ -680,8 +684,16 @@ def create_app(settings: Settings, start_jobs: bool = True) -> FastAPI:
 
 
 def serve(settings: Settings, log_level: str = "info") -> None:
-    """Run the service with uvicorn until interrupted."""
+    """Run the service with uvicorn until interrupted.
+
+    The thread that serves HTTP runs at a lower CPU priority (``settings.http_nice``, Linux
+    per-thread nice) than the threads that drive searches, so heavy polling does not starve
+    the searches of the machine's cores.
+    """
     import uvicorn
 
-    app = create_app(settings)
+    app = create_app(settings)  # the job threads start here, at the process's priority
+    if settings.http_nice > 0 and hasattr(os, "setpriority"):
+        with contextlib.suppress(OSError):  # not permitted: serve at the same priority
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), settings.http_nice)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level)

@@ -153,6 +153,16 @@ def _sqlite_path(uri: str) -> Path:
     return Path(path or ":memory:").expanduser().resolve()
 
 
+def _require_database(uri: str) -> None:
+    """A sqlite store must exist to be read: querying a folder where nothing was recorded is an
+    error, not a new empty ``mlflow.db`` (and MLflow's table-creation lines on stderr)."""
+    if urlsplit(uri).scheme.split("+")[0] == "sqlite" and not _sqlite_path(uri).is_file():
+        raise TrackingError(
+            f"no MLflow database at {_sqlite_path(uri)}: nothing was recorded there "
+            "(run a search first, or pass --tracking-uri)"
+        )
+
+
 def _artifact_location(uri: str, experiment: str) -> str | None:
     """Where a new experiment keeps artifacts: next to a sqlite database, else the server's root.
 
@@ -386,9 +396,13 @@ class SearchLogger:
 class TrackingStore:
     """Read access to a tracking store: history, best policy, run lists (no experiment made)."""
 
+    creates = False  # a reader never creates a database (MLflow would make an empty one)
+
     def __init__(self, uri: str | None = None, timeout: float = 10.0) -> None:
         self.uri = resolve_tracking_uri(uri)
         check_tracking_uri(self.uri, timeout)
+        if not self.creates:
+            _require_database(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
 
     @contextmanager
@@ -472,6 +486,11 @@ class TrackingStore:
                     row = json.loads(line)
                     rows[row["index"]] = row  # a chunk re-sent after a failed flush: last wins
         return [rows[i] for i in sorted(rows)]
+
+    def logged_steps(self, run_id: str, key: str = "accuracy") -> set[int]:
+        """The steps (evaluation indices) that have the per-evaluation metric ``key``."""
+        with self._errors(f"read the {key} history of run {run_id}"):
+            return {int(m.step) for m in self.client.get_metric_history(run_id, key)}
 
     def best_policy(
         self,
@@ -558,6 +577,8 @@ class TrackingStore:
 # ------------------------------------------------------------------------------ tracker
 class Tracker(TrackingStore):
     """Writes searches of one experiment (created on first use) to a tracking store."""
+
+    creates = True
 
     def __init__(self, uri: str | None, experiment: str, timeout: float = 10.0) -> None:
         super().__init__(uri, timeout)
@@ -682,17 +703,16 @@ class Tracker(TrackingStore):
         with self._errors(f"reopen run {run_id}"):
             self.client.update_run(run_id, status="RUNNING")
 
-    def log_rows(self, run_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    def log_rows(self, run_id: str, rows: Sequence[Mapping[str, Any]], chunk: bool = True) -> None:
         """Log evaluations recorded elsewhere (a local journal) as if streamed: a history chunk
         and per-step metrics, ``best_accuracy`` as the best within budget among ``rows`` and the
-        run's logged history."""
+        run's logged history before them. ``chunk=False``: the metrics only (rows already in
+        the history whose metrics never arrived: a process killed in the middle of a flush)."""
         if not rows:
             return
-        best = max(
-            (float(r["accuracy"]) for r in self.history(run_id) if r.get("meets_budget")),
-            default=None,
-        )
         first, last = int(rows[0]["index"]), int(rows[-1]["index"])
+        earlier = [r for r in self.history(run_id) if int(r["index"]) < first]
+        best = max((float(r["accuracy"]) for r in earlier if r.get("meets_budget")), default=None)
         text = "".join(json.dumps(dict(r), default=float) + "\n" for r in rows)
         metrics: list[Metric] = []
         ts = _now_ms()
@@ -712,7 +732,8 @@ class Tracker(TrackingStore):
             step = int(r["index"])
             metrics += [Metric(k, float(v), ts, step) for k, v in values.items() if v is not None]
         with self._errors(f"log evaluations {first}-{last} to run {run_id}"):
-            self.client.log_text(run_id, text, f"{HISTORY_DIR}/{first:06d}-{last:06d}.jsonl")
+            if chunk:
+                self.client.log_text(run_id, text, f"{HISTORY_DIR}/{first:06d}-{last:06d}.jsonl")
             for batch in _chunks(metrics, MAX_METRICS_PER_BATCH):
                 self.client.log_batch(run_id, metrics=batch)
 

@@ -109,6 +109,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--evaluations", type=int, default=300)
     parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument(
+        "--client-nice",
+        type=int,
+        default=0,
+        help="niceness of the load generator (it shares this machine's cores with the search; "
+        "real clients run elsewhere)",
+    )
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-service-"))
     port = free_port()
@@ -135,13 +142,16 @@ def main() -> None:
         while not finished(url, quiet):
             time.sleep(0.5)  # a light poll, as a user would
         busy, _ = run_search(url, args.evaluations)
+        if args.client_nice:
+            os.nice(args.client_nice)
         count, wall, lat = asyncio.run(load(url, busy, args.clients))
         alone, loaded = search_seconds(folder, quiet), search_seconds(folder, busy)
         lat_ms = sorted(1e3 * x for x in lat)
         p = lambda q: lat_ms[min(len(lat_ms) - 1, int(q * len(lat_ms)))]  # noqa: E731
         print(
-            f"GET /v1/searches/{{id}} with {args.clients} concurrent clients while the search "
-            f"runs: {count} requests in {wall:.1f} s = {count / wall:.0f} requests/s; latency "
+            f"GET /v1/searches/{{id}} with {args.clients} concurrent clients (nice "
+            f"{args.client_nice}) while the search runs: {count} requests in {wall:.1f} s = "
+            f"{count / wall:.0f} requests/s; latency "
             f"median {statistics.median(lat_ms):.1f} ms, p95 {p(0.95):.1f} ms, "
             f"p99 {p(0.99):.1f} ms"
         )

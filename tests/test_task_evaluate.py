@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -152,29 +150,3 @@ def test_yaml_config(tmp_path):
     cfg.write_text("model: [unclosed\n")
     with pytest.raises(ap.ConfigError, match="malformed YAML"):
         ap.task_config(cfg)
-
-
-def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "autoprune.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=300,
-    )
-
-
-def test_cli_demo_and_errors(tmp_path, default_task):
-    out = tmp_path / "best.json"
-    run = _cli("demo", "--evaluations", "4", "--out", str(out))
-    assert run.returncode == 0, run.stderr
-    assert "best per-unit ratios" in run.stdout and "layer3.2.conv1" in run.stdout
-    policy = ap.Policy.load(out)
-    assert policy.budget == {"flops": 0.5}
-    assert ap.Evaluator(default_task).evaluate(policy.check(default_task)).flops_ratio <= 0.5
-
-    bad = _cli("demo", "--budget", "flops=0.01")
-    assert bad.returncode == 2 and "smallest reachable" in bad.stderr
-    assert "Traceback" not in bad.stderr
-    bad = _cli("units", "model.name=nope")
-    assert bad.returncode == 2 and "unknown model 'nope'" in bad.stderr
