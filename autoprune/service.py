@@ -22,8 +22,10 @@ import hmac
 import io
 import ipaddress
 import json
+import multiprocessing
 import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -163,10 +165,6 @@ class Health(BaseModel):
 # ------------------------------------------------------------------ jobs
 
 
-class Cancelled(KeyboardInterrupt):
-    """Raised inside a search to stop it (cancel, or the service shutting down)."""
-
-
 @dataclass
 class Job:
     id: str
@@ -198,32 +196,62 @@ def requested(cfg: ExperimentConfig) -> int | None:
     return total
 
 
-class _JobHooks(Hooks):
-    def __init__(self, job: Job) -> None:
-        self.job = job
-        self.key: tuple[str, int] = ("", 0)
-        self.base = 0
+class _PipeHooks(Hooks):
+    """Progress of a launch, sent from its process to the service over a pipe."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.parent = os.getppid()
+        self.base = self.done = 0
+        self.best: float | None = None
+        self.cost: dict[str, float] | None = None
 
     def search_started(self, searcher: str, seed: int, total: int | None, done: int) -> None:
-        self.key = (searcher, seed)
-        self.base = self.job.done - done  # evaluations of earlier searches of this launch
+        self.base = self.done - done  # evaluations of earlier searches of this launch
 
     def evaluation(self, record: Any, result: Any) -> None:
-        job = self.job
-        job.done = self.base + record.index
-        if result.best is not None and (job.best is None or result.best.accuracy > job.best):
-            job.best = result.best.accuracy
-            job.cost = result.best.costs()
-        if job.stop is not None:
-            raise Cancelled(job.stop)
+        if os.getppid() != self.parent:  # the service died: stop (resume continues it)
+            raise KeyboardInterrupt
+        self.done = self.base + record.index
+        if result.best is not None and (self.best is None or result.best.accuracy > self.best):
+            self.best, self.cost = result.best.accuracy, result.best.costs()
+        self.conn.send(("progress", self.done, self.best, self.cost))
+
+
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _job_process(config: dict[str, Any], run_id: str, conn: Any) -> None:
+    """One launch in its own process (its own interpreter, so the service's HTTP work and the
+    search never wait on each other's GIL); SIGINT stops it the way Ctrl-C stops the CLI."""
+    torch.set_num_threads(1)
+    try:
+        run_experiment(
+            ExperimentConfig.model_validate(config), resume=run_id, hooks=_PipeHooks(conn)
+        )
+    except KeyboardInterrupt:
+        conn.send(("stopped", None))
+    except Exception as exc:  # reported to the service, which marks the launch failed
+        conn.send(("failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:500]))
+    else:
+        conn.send(("finished", None))
 
 
 class JobManager:
     """Runs launches in ``max_concurrent`` threads; their state lives in MLflow tags."""
 
-    def __init__(self, settings: Settings, tracker: Tracker, start: bool = True) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        tracker: Tracker,
+        start: bool = True,
+        ray_address: str | None = None,
+    ) -> None:
         self.settings = settings
         self.tracker = tracker
+        self.ray_address = ray_address  # where launch processes find Ray
+        self.closing = False
         self.jobs: dict[str, Job] = {}
         self.queue: queue.Queue[tuple[Job, bool] | None] = queue.Queue()
         self.lock = threading.Lock()
@@ -261,6 +289,7 @@ class JobManager:
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop running launches (they become ``interrupted``) and the worker threads."""
+        self.closing = True
         for job in list(self.jobs.values()):
             if job.state in LIVE:
                 job.stop = "shutdown"
@@ -282,21 +311,51 @@ class JobManager:
             self._run(job, resume)
 
     def _run(self, job: Job, resume: bool) -> None:
+        """Run a launch in a child process; relay its progress; stop it with SIGINT."""
         self._set_state(job, "running")
-        try:
-            run_experiment(job.config, resume=job.id if resume else None, hooks=_JobHooks(job))
-        except KeyboardInterrupt:  # Cancelled, surfaced as experiment.Interrupted
-            if job.stop == "cancel":
-                self._set_state(job, "cancelled")
-            else:  # shutdown: the MLflow tag stays "running", read back as "interrupted"
-                job.state = "interrupted"
-            return
-        except Exception as exc:  # the job fails, the service goes on
-            job.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        context = multiprocessing.get_context("spawn")
+        receiver, sender = context.Pipe(duplex=False)
+        config = job.config.model_dump(mode="json")
+        if self.ray_address and not config["search"]["ray_address"]:
+            config["search"]["ray_address"] = self.ray_address  # the service's own Ray
+        proc = context.Process(
+            target=_job_process, args=(config, job.id, sender), name=f"autoprune-{job.id[:8]}"
+        )
+        proc.start()
+        sender.close()
+        outcome: tuple[Any, ...] | None = None
+        signalled = False
+        while outcome is None:
+            if job.stop is not None and not signalled and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGINT)
+                signalled = True
+            try:
+                if not receiver.poll(0.2):
+                    if not proc.is_alive() and not receiver.poll(0):
+                        break
+                    continue
+                message = receiver.recv()
+            except (EOFError, OSError):
+                break
+            if message[0] == "progress":
+                _, job.done, job.best, job.cost = message
+            else:
+                outcome = message
+        proc.join(30)
+        if outcome is None and self.closing:
+            outcome = ("stopped", None)  # killed with the service: resumable
+        if outcome is None:
+            outcome = ("failed", f"the search process died (exit code {proc.exitcode})")
+        if outcome[0] == "finished":
+            self._set_state(job, "finished")
+        elif outcome[0] == "stopped" and job.stop == "cancel":
+            self._set_state(job, "cancelled")
+        elif outcome[0] == "stopped":  # shutdown: the tag stays "running", read as interrupted
+            job.state = "interrupted"
+        else:
+            job.error = str(outcome[1])
             self.tracker.client.set_tag(job.id, ERROR_TAG, job.error)
             self._set_state(job, "failed")
-            return
-        self._set_state(job, "finished")
 
     def _set_state(self, job: Job, state: str) -> None:
         job.state = state
@@ -318,10 +377,14 @@ class Service:
         self.checkpoints = settings.state_dir / "checkpoints"
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         self.tracker = Tracker(settings.tracking_uri, settings.experiment)
-        if start_jobs:  # one Ray for every job: local with every core, or the cluster
+        address = settings.ray_address
+        if start_jobs:  # one Ray for every launch: local with every core, or the cluster
+            import ray
+
             cores = os.cpu_count() or 1
             init_ray(max(cores, settings.max_workers), settings.ray_address)
-        self.jobs = JobManager(settings, self.tracker, start=start_jobs)
+            address = address or ray.get_runtime_context().gcs_address
+        self.jobs = JobManager(settings, self.tracker, start=start_jobs, ray_address=address)
         self._terminal: dict[str, SearchStatus] = {}
         self._requeue()
 
