@@ -157,9 +157,9 @@ def test_restart_keeps_everything_and_resume_completes(tmp_path):
         server.wait_ready()
         first = server.post("/v1/searches", json=SMALL).json()["id"]
         poll(server, first, lambda s: s["state"] == "finished")
-        long = {"search": {**SMALL["search"], "evaluations": 80}}
+        long = {"search": {**SMALL["search"], "evaluations": 40}}
         sid = server.post("/v1/searches", json=long).json()["id"]
-        before = poll(server, sid, lambda s: s["progress"]["done"] >= 15)["progress"]["done"]
+        before = poll(server, sid, lambda s: s["progress"]["done"] >= 10)["progress"]["done"]
     finally:
         server.stop()  # mid-search
     server = Server(tmp_path)
@@ -175,7 +175,7 @@ def test_restart_keeps_everything_and_resume_completes(tmp_path):
         assert resumed.status_code == 202, resumed.text
         status = poll(server, sid, lambda s: s["state"] not in ("queued", "running"), 300)
         assert status["state"] == "finished"
-        assert status["progress"] == {"done": 80, "requested": 80}
+        assert status["progress"] == {"done": 40, "requested": 40}
         assert server.post(f"/v1/searches/{first}/resume").status_code == 409
     finally:
         server.stop()
