@@ -21,7 +21,10 @@ app = typer.Typer(
     no_args_is_help=True,
     help="autoprune: search per-layer pruning ratios under a FLOPs / params / latency budget.",
 )
-console = Console()
+# Piped output (CI logs, `make run | tee`) gets 120 columns instead of rich's 80, so that the
+# comparison table is not truncated; a terminal keeps its own width.
+_piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+console = Console(width=120) if _piped else Console()
 err = Console(stderr=True)
 STATE = {"debug": False}
 
