@@ -6,14 +6,18 @@ Configs come from YAML files, Python dicts or ``key=value`` overrides; unknown k
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Granularity = Literal["channel", "fine", "nm"]
 Device = Literal["cpu", "cuda", "auto"]
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -171,12 +175,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def task_config(
-    source: TaskConfig | dict[str, Any] | str | Path | None = None,
-    overrides: list[str] | None = None,
-) -> TaskConfig:
-    """Build a validated :class:`TaskConfig` from a config, a dict, a YAML path or nothing."""
-    if isinstance(source, TaskConfig):
+def validated(
+    cls: type[ModelT],
+    source: BaseModel | dict[str, Any] | str | Path | None = None,
+    overrides: Sequence[str] = (),
+    section: str | None = None,
+) -> ModelT:
+    """A validated config of type ``cls`` from a config object, a dict, a YAML path (its
+    ``section`` mapping when it has one) or nothing (defaults), with ``key=value`` overrides."""
+    if isinstance(source, BaseModel):
         data = source.model_dump()
     elif isinstance(source, dict):
         data = source
@@ -184,9 +191,18 @@ def task_config(
         data = {}
     else:
         data = load_yaml(source)
-        data = data.get("task", data) if isinstance(data.get("task"), dict) else data
-    data = apply_overrides(data, overrides or [])
+        if section is not None and isinstance(data.get(section), dict):
+            data = data[section]
+    data = apply_overrides(data, list(overrides))
     try:
-        return TaskConfig.model_validate(data)
+        return cls.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None
+
+
+def task_config(
+    source: TaskConfig | dict[str, Any] | str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> TaskConfig:
+    """Build a validated :class:`TaskConfig` from a config, a dict, a YAML path or nothing."""
+    return validated(TaskConfig, source, overrides or [], section="task")

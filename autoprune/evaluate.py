@@ -76,6 +76,41 @@ class Evaluation:
         return asdict(self)
 
 
+Key = tuple[int, ...]  # removed channels / weights per unit: what makes two policies the same
+
+
+class EvaluationMemo:
+    """Evaluations by key: recorded ones (a resumed search replays them; never evicted) and an
+    LRU cache of up to ``size`` fresh ones. Answers are copies; a cache hit is marked cached."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._lru: OrderedDict[Key, Evaluation] = OrderedDict()
+        self._recorded: dict[Key, Evaluation] = {}
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._recorded or key in self._lru
+
+    def get(self, key: Key) -> Evaluation | None:
+        if key in self._recorded:
+            return _copy(self._recorded[key], cached=self._recorded[key].cached)
+        hit = self._lru.get(key)
+        if hit is None:
+            return None
+        self._lru.move_to_end(key)
+        return _copy(hit, cached=True)
+
+    def put(self, key: Key, evaluation: Evaluation) -> None:
+        if self.size <= 0:
+            return
+        self._lru[key] = evaluation
+        while len(self._lru) > self.size:
+            self._lru.popitem(last=False)
+
+    def record(self, key: Key, evaluation: Evaluation) -> None:
+        self._recorded[key] = evaluation
+
+
 class Evaluator:
     """Judges policies of one task. Build once; call :meth:`evaluate` many times."""
 
@@ -96,8 +131,7 @@ class Evaluator:
         self._bn_images = x_bn.to(task.device)
         self._x = task.data.x_search.to(task.device)
         self._y = task.data.y_search.to(task.device)
-        self._cache: OrderedDict[tuple[int, ...], Evaluation] = OrderedDict()
-        self._recorded: dict[tuple[int, ...], Evaluation] = {}
+        self.memo = EvaluationMemo(cfg.cache_size)
         self.calls = 0
         if predict_latency:
             _ = task.latency_table  # build (or load) it now, not inside the first evaluation
@@ -110,21 +144,18 @@ class Evaluator:
         self.calls += 1
         vec = self.task.ratio_vector(ratios)
         key = self._key(vec)
-        if key in self._recorded:
-            return _copy(self._recorded[key], cached=self._recorded[key].cached)
-        hit = self._cache.get(key)
+        hit = self.memo.get(key)
         if hit is not None:
-            self._cache.move_to_end(key)
-            return _copy(hit, cached=True)
+            return hit
         result = self._evaluate(vec)
-        self._remember(key, result)
+        self.memo.put(key, result)
         return result
 
     def preload(self, evaluations: Iterable[Evaluation]) -> None:
         """Answer these policies from memory, never evicted (resuming a search: its recorded
         evaluations are replayed instead of measured again)."""
         for e in evaluations:
-            self._recorded[self._key(self.task.ratio_vector(e.ratios))] = e
+            self.memo.record(self._key(self.task.ratio_vector(e.ratios)), e)
 
     def _evaluate(self, vec: np.ndarray) -> Evaluation:
         cfg = self.task.config.eval
@@ -153,14 +184,6 @@ class Evaluator:
             "total": t4 - t0,
         }
         return result
-
-    def _remember(self, key: tuple[int, ...], result: Evaluation) -> None:
-        size = self.task.config.eval.cache_size
-        if size <= 0:
-            return
-        self._cache[key] = result
-        while len(self._cache) > size:
-            self._cache.popitem(last=False)
 
     def dense(self) -> Evaluation:
         """Metrics of the unpruned model (all ratios 0), recalibrated like every policy."""

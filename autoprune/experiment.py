@@ -30,20 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from autoprune.agents import get_searcher
 from autoprune.agents.base import Record, SearchError, SearchResult
 from autoprune.apply import apply_policy
 from autoprune.budget import Budget
-from autoprune.config import (
-    ConfigError,
-    TaskConfig,
-    _format_error,
-    _Strict,
-    apply_overrides,
-    load_yaml,
-)
+from autoprune.config import ConfigError, TaskConfig, _Strict, validated
 from autoprune.evaluate import Evaluation
 from autoprune.parallel import Backend, make_backend
 from autoprune.policy import Policy
@@ -115,19 +108,7 @@ def experiment_config(
     overrides: Sequence[str] = (),
 ) -> ExperimentConfig:
     """Validated experiment config from a YAML path, a dict, a config or nothing (defaults)."""
-    if isinstance(source, ExperimentConfig):
-        data = source.model_dump()
-    elif isinstance(source, dict):
-        data = source
-    elif source is None:
-        data = {}
-    else:
-        data = load_yaml(source)
-    data = apply_overrides(data, list(overrides))
-    try:
-        cfg = ExperimentConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_error(err)) from None
+    cfg = validated(ExperimentConfig, source, overrides)
     for name, options in cfg.search.options.items():
         cls = get_searcher(name)
         unknown = sorted(set(options) - set(cls.defaults) - {"evaluations"})

@@ -25,7 +25,7 @@ import os
 import socket
 import uuid
 from abc import ABC, abstractmethod
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +37,7 @@ from torch import nn
 
 from autoprune.config import TaskConfig
 from autoprune.data import DataSplits
-from autoprune.evaluate import Evaluation, Evaluator
+from autoprune.evaluate import Evaluation, EvaluationMemo, Evaluator
 from autoprune.task import Task
 
 OBJECT_STORE_BYTES = 200 * 1024**2  # a local Ray's object store: tasks and policies are small
@@ -271,8 +271,7 @@ class RayBackend(Backend):
         self.spec_ref = ray.put(self.spec)
         self._remote = ray.remote(num_cpus=1)(_Actor)
         self.actors: list[Any] = []  # started on first use; see release()
-        self._cache: OrderedDict[tuple[int, ...], Evaluation] = OrderedDict()
-        self._recorded: dict[tuple[int, ...], Evaluation] = {}
+        self.memo = EvaluationMemo(task.config.eval.cache_size)  # the driver's, for every actor
         self.recorded: list[Evaluation] = []
         self.calls = 0
 
@@ -286,7 +285,7 @@ class RayBackend(Backend):
     def preload(self, evaluations: Sequence[Evaluation]) -> None:
         self.recorded.extend(evaluations)  # DDPG's environment actors get them too
         for e in evaluations:
-            self._recorded[self._key(self.task.ratio_vector(e.ratios))] = e
+            self.memo.record(self._key(self.task.ratio_vector(e.ratios)), e)
 
     def map(self, vecs: Sequence[np.ndarray]) -> list[Evaluation]:
         vecs = [self.task.ratio_vector(v) for v in vecs]
@@ -294,7 +293,7 @@ class RayBackend(Backend):
         self.calls += len(vecs)
         todo: dict[tuple[int, ...], np.ndarray] = {}
         for key, vec in zip(keys, vecs, strict=True):
-            if key not in self._cache and key not in todo and key not in self._recorded:
+            if key not in self.memo and key not in todo:
                 todo[key] = vec
         jobs = [(vec,) for vec in todo.values()]
         results = self._schedule(
@@ -303,26 +302,17 @@ class RayBackend(Backend):
             lambda job: f"evaluating policy {policy_text(self.task, job[0])}",
         )
         fresh = dict(zip(todo, results, strict=True))
-        out = []
+        for key, e in fresh.items():
+            self.memo.put(key, e)
+        out, seen = [], set()
         for key in keys:
-            if key in self._recorded:
-                out.append(self._recorded[key])
-            elif key in fresh:
-                e = fresh.pop(key)  # the first occurrence is the evaluation itself
-                self._remember(key, e)
-                out.append(e)
-            else:
-                self._cache.move_to_end(key)
-                out.append(Evaluation(**{**self._cache[key].to_dict(), "cached": True}))
+            if key in fresh and key not in seen:  # the first occurrence is the evaluation
+                seen.add(key)
+                out.append(fresh[key])
+            else:  # recorded, cached, or a repeat within this call (even without a cache)
+                hit = self.memo.get(key)
+                out.append(hit or Evaluation(**{**fresh[key].to_dict(), "cached": True}))
         return out
-
-    def _remember(self, key: tuple[int, ...], e: Evaluation) -> None:
-        size = self.task.config.eval.cache_size
-        if size <= 0:
-            return
-        self._cache[key] = e
-        while len(self._cache) > size:
-            self._cache.popitem(last=False)
 
     def run(self, fn: WorkerFn, jobs: Sequence[Job], describe: Callable[[Job], str]) -> list[Any]:
         return self._schedule(lambda actor, job: actor.call.remote(fn, *job), jobs, describe)
