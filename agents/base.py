@@ -101,6 +101,7 @@ class Searcher(ABC):
 
     name: ClassVar[str] = ""
     needs_evaluations: ClassVar[bool] = False  # True: an evaluation budget is required
+    channel_only: ClassVar[bool] = False  # True: refuses fine-grained and N:M tasks
 
     def __init__(
         self,

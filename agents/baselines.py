@@ -247,6 +247,7 @@ class GlobalSearcher(Searcher):
     """
 
     name = "global"
+    channel_only = True
     defaults: ClassVar[dict[str, Any]] = {"bisection_steps": 14}
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:

@@ -236,6 +236,7 @@ class NetAdaptSearcher(Searcher):
     """
 
     name = "netadapt"
+    channel_only = True
     defaults: ClassVar[dict[str, Any]] = {
         "r0": 0.02,
         "decay": 0.98,

@@ -117,6 +117,13 @@ class TaskConfig(_Strict):
     def _lower(cls, v: str) -> str:
         return v.strip().lower()
 
+    @model_validator(mode="after")
+    def _criterion_fits(self) -> TaskConfig:
+        from autoprune.criteria import get_criterion  # torch: only once a config is checked
+
+        get_criterion(self.criterion, self.granularity)  # ValueError names the ones that fit
+        return self
+
 
 def _format_error(err: ValidationError) -> str:
     parts = []

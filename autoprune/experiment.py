@@ -111,7 +111,8 @@ def experiment_config(
     cfg = validated(ExperimentConfig, source, overrides)
     for name, options in cfg.search.options.items():
         cls = get_searcher(name)
-        unknown = sorted(set(options) - set(cls.defaults) - {"evaluations"})
+        seeds_for(cfg.search, name)
+        unknown = sorted(set(options) - set(cls.defaults) - set(PER_SEARCHER))
         if unknown:
             raise ConfigError(
                 f"search.options.{name}: unknown option(s) {unknown}; known: {sorted(cls.defaults)}"
@@ -236,6 +237,26 @@ def _evaluation(task: Task, row: dict[str, Any]) -> Evaluation:
     return e
 
 
+PER_SEARCHER = ("evaluations", "seeds")
+"""Keys of ``search.options.<searcher>`` that override the search section for that searcher only
+(e.g. ``uniform: {seeds: [0]}``: a deterministic searcher gives the same result for every seed)."""
+
+
+def seeds_for(cfg: SearchConfig, name: str) -> list[int]:
+    seeds = cfg.options.get(name, {}).get("seeds")
+    if seeds is None:
+        return list(cfg.seeds)
+    if isinstance(seeds, int):
+        seeds = [seeds]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"search.options.{name}.seeds must be a non-empty list of integers")
+    return [int(s) for s in seeds]
+
+
+def _searcher_options(cfg: SearchConfig, name: str) -> dict[str, Any]:
+    return {k: v for k, v in cfg.options.get(name, {}).items() if k not in PER_SEARCHER}
+
+
 def _evaluations_for(cfg: SearchConfig, name: str) -> int | None:
     options = cfg.options.get(name, {})
     if "evaluations" in options:
@@ -276,9 +297,10 @@ def run_experiment(
     task = build_task(cfg.task(), progress=True)
     budget = task.check_budget(search.budget)
     for name in search.searchers:  # options and evaluation budgets, before anything runs
+        seeds_for(search, name)
         get_searcher(name)(
             task, budget, 0, _evaluations_for(search, name), None, None, None,
-            **{k: v for k, v in search.options.get(name, {}).items() if k != "evaluations"},
+            **_searcher_options(search, name),
         )  # fmt: skip
     hooks.task_ready(task)
     config_dict = cfg.model_dump(mode="json")
@@ -299,7 +321,7 @@ def run_experiment(
     )  # fmt: skip
     try:
         for name in search.searchers:
-            for seed in search.seeds:
+            for seed in seeds_for(search, name):
                 child = existing.get((name, seed))
                 if child is not None and child["status"] == "FINISHED":
                     outcomes.append(_finished(tracker, child))
@@ -378,7 +400,7 @@ def _run_one(
             logger(record, result)
         hooks.evaluation(record, result)
 
-    options = {k: v for k, v in search.options.get(name, {}).items() if k != "evaluations"}
+    options = _searcher_options(search, name)
     searcher = get_searcher(name)(
         task, budget, seed, evaluations, callback, None, backend, **options
     )

@@ -44,7 +44,13 @@ from pydantic import BaseModel, Field
 
 from autoprune.agents import get_searcher
 from autoprune.config import ConfigError
-from autoprune.experiment import ExperimentConfig, Hooks, experiment_config, run_experiment
+from autoprune.experiment import (
+    ExperimentConfig,
+    Hooks,
+    experiment_config,
+    run_experiment,
+    seeds_for,
+)
 from autoprune.models import MODELS, build_model, state_dict_mismatch
 from autoprune.parallel import init_ray
 from autoprune.tracking import Tracker, TrackingError
@@ -192,7 +198,7 @@ def requested(cfg: ExperimentConfig) -> int | None:
             n = 1
         else:
             return None
-        total += n * len(cfg.search.seeds)
+        total += n * len(seeds_for(cfg.search, name))
     return total
 
 
@@ -424,7 +430,8 @@ class Service:
             raise _unprocessable(["search", "evaluations"], f"at most {s.max_evaluations}")
         if body.search.workers > s.max_workers:
             raise _unprocessable(["search", "workers"], f"at most {s.max_workers}")
-        if len(body.search.searchers) * len(body.search.seeds) > s.max_searches_per_request:
+        searches = sum(len(seeds_for(body.search, n)) for n in body.search.searchers)
+        if searches > s.max_searches_per_request:
             raise _unprocessable(
                 ["search"], f"at most {s.max_searches_per_request} searchers x seeds"
             )

@@ -1,0 +1,597 @@
+"""The published benchmark: every searcher across models, budgets and granularities (make bench).
+
+For each group (model x granularity x budget) of ``experiments/benchmark.yaml`` it runs one
+experiment (:func:`autoprune.experiment.run_experiment`: searchers x seeds on Ray with all cores,
+recorded in one MLflow experiment) and, for every search, measures the latency of the pruned
+model. Each cell (group x searcher) reports mean and spread (std over seeds) of the best search
+accuracy, the test accuracy of the best policy before and after the same fine-tune, the achieved
+cost ratios, the measured latency, evaluations and wall time.
+
+Outputs (``--out``, default ``experiments/results``): ``benchmark.md`` (a table per model, the
+main table, the targets and the command that made them), ``benchmark.json`` (every search),
+``benchmark_frontier.png`` (test accuracy vs FLOPs ratio per searcher) and
+``benchmark_curves.png`` (best search accuracy so far vs evaluations at FLOPs 0.25).
+
+Interrupting is safe: every finished group is appended to ``<out>/benchmark_runs.jsonl`` and
+``--resume`` skips those (an interrupted group is re-run).
+
+    python experiments/benchmark.py                      # the full benchmark (~1 hour, 2 cores)
+    python experiments/benchmark.py --models resnet20 --budgets flops=0.25 --seeds 0 \\
+        --evaluations 30 --no-extra --out /tmp/bench     # a small slice
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from autoprune.agents import get_searcher
+
+from autoprune.budget import Budget
+from autoprune.config import ConfigError
+from autoprune.costs import measure_latency
+from autoprune.experiment import (
+    ExperimentConfig,
+    Hooks,
+    Outcome,
+    experiment_config,
+    run_experiment,
+)
+from autoprune.task import Task
+
+HERE = Path(__file__).resolve().parent
+PLAN_KEYS = {
+    "experiment", "searchers", "budgets", "seeds", "deterministic", "finetune_epochs", "workers",
+    "task", "options", "models", "extra",
+}  # fmt: skip
+MAIN_BUDGET = "flops=0.25"
+LATENCY_REPEATS = 20
+
+
+# ------------------------------------------------------------------ plan
+
+
+@dataclass(frozen=True)
+class Group:
+    """One experiment of the benchmark: a model, a granularity and a budget, all its searchers."""
+
+    model: str
+    granularity: str
+    budget: str
+    searchers: tuple[str, ...]
+    evaluations: int
+    options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # per-model overrides
+    criterion: str | None = None  # None: the plan's
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}/{self.granularity}/{self.budget}"
+
+
+@dataclass
+class Plan:
+    experiment: str
+    seeds: list[int]
+    deterministic: list[str]
+    finetune_epochs: int
+    workers: int
+    task: dict[str, Any]
+    options: dict[str, dict[str, Any]]
+    groups: list[Group] = field(default_factory=list)
+
+    def config(self, group: Group, tracking_uri: str | None) -> ExperimentConfig:
+        """The group's experiment config (validated: bad input fails before any work)."""
+        options = {k: dict(v) for k, v in self.options.items() if k in group.searchers}
+        for name, items in group.options:
+            if name in group.searchers:
+                options.setdefault(name, {}).update(dict(items))
+        for name in self.deterministic:
+            if name in group.searchers:
+                options.setdefault(name, {})["seeds"] = self.seeds[:1]
+        data = {
+            **self.task,
+            "model": {**self.task.get("model", {}), "name": group.model},
+            "granularity": group.granularity,
+            **({"criterion": group.criterion} if group.criterion else {}),
+            "search": {
+                "searchers": list(group.searchers),
+                "budget": group.budget,
+                "evaluations": group.evaluations,
+                "seeds": self.seeds,
+                "workers": self.workers,
+                "options": options,
+                "finetune_epochs": self.finetune_epochs,
+            },
+            "tracking": {"uri": tracking_uri, "experiment": self.experiment},
+        }
+        return experiment_config(data)
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def load_plan(path: Path, args: argparse.Namespace) -> Plan:
+    """The plan of ``path`` narrowed by the command line; every group validated."""
+    if not path.is_file():
+        raise ConfigError(f"benchmark plan {path} not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    unknown = sorted(set(raw) - PLAN_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(PLAN_KEYS)}")
+    models: dict[str, dict[str, Any]] = dict(raw.get("models") or {})
+    if args.models:
+        missing = sorted(set(args.models) - set(models))
+        if missing:
+            raise ConfigError(f"--models: {missing} not in the plan; it has {sorted(models)}")
+        models = {m: models[m] for m in args.models}
+    searchers = args.searchers or list(raw.get("searchers") or [])
+    budgets = args.budgets or list(raw.get("budgets") or [])
+    for b in budgets:
+        Budget.parse(b)
+    seeds = [int(s) for s in (args.seeds or raw.get("seeds") or [0])]
+    workers = raw.get("workers")
+    workers = int(args.workers if args.workers is not None else (workers or os.cpu_count() or 1))
+    plan = Plan(
+        experiment=args.experiment or str(raw.get("experiment", "benchmark")),
+        seeds=seeds,
+        deterministic=list(raw.get("deterministic") or []),
+        finetune_epochs=int(
+            args.finetune_epochs
+            if args.finetune_epochs is not None
+            else raw.get("finetune_epochs", 1)
+        ),
+        workers=workers,
+        task=dict(raw.get("task") or {}),
+        options=dict(raw.get("options") or {}),
+    )
+
+    def evaluations(spec: dict[str, Any]) -> int:
+        if args.evaluations is not None:
+            return int(args.evaluations)
+        return int(spec.get("evaluations", 100))
+
+    def model_options(spec: dict[str, Any]) -> tuple:
+        unknown = sorted(set(spec) - {"evaluations", "options"})
+        if unknown:
+            raise ConfigError(f"models: unknown key(s) {unknown}; known: evaluations, options")
+        opts = spec.get("options") or {}
+        return tuple((name, tuple(sorted(dict(o).items()))) for name, o in opts.items())
+
+    for model, spec in models.items():
+        spec = spec or {}
+        for budget in budgets:
+            plan.groups.append(
+                Group(
+                    model, "channel", budget, tuple(searchers), evaluations(spec),
+                    model_options(spec),
+                )
+            )  # fmt: skip
+    if not args.no_extra:
+        for extra in raw.get("extra") or []:
+            model = extra["model"]
+            if model not in models:
+                continue
+            granularity = extra["granularity"]
+            names = [
+                s for s in extra.get("searchers", searchers)
+                if s in searchers
+                and not (granularity != "channel" and get_searcher(s).channel_only)
+            ]  # fmt: skip
+            if names:
+                spec = models[model] or {}
+                plan.groups.append(
+                    Group(
+                        model, granularity, str(extra["budget"]), tuple(names),
+                        evaluations(spec), model_options(spec), extra.get("criterion"),
+                    )
+                )  # fmt: skip
+    if not plan.groups:
+        raise ConfigError("the benchmark plan has no group (models x budgets) to run")
+    for group in plan.groups:
+        try:
+            plan.config(group, None)
+        except ConfigError as err:
+            raise ConfigError(f"group {group.key}: {err}") from None
+    return plan
+
+
+# ------------------------------------------------------------------ running
+
+
+class BenchHooks(Hooks):
+    """Progress lines, and the latency of every pruned model (measured as each search ends)."""
+
+    def __init__(self, group: Group, index: int, total: int, start: float) -> None:
+        self.group, self.index, self.total, self.start = group, index, total, start
+        self.task: Task | None = None
+        self.dense_latency_ms = float("nan")
+        self.latency_batch = 1
+        self.extra: dict[tuple[str, int], dict[str, Any]] = {}
+        self._started = 0.0
+        self._best = float("nan")
+        self._count = 0
+
+    def task_ready(self, task: Task) -> None:
+        self.task = task
+        self.latency_batch = task.config.eval.latency_batch_size
+        self.dense_latency_ms = 1e3 * measure_latency(
+            task.model, task.input_shape, self.latency_batch, repeats=LATENCY_REPEATS
+        )
+
+    def search_started(self, searcher: str, seed: int, total: int | None, done: int) -> None:
+        self._started = time.perf_counter()
+        self._best, self._count = float("nan"), 0
+        self._say(f"{searcher} seed {seed}: started ({total or 'own'} evaluations)")
+
+    def evaluation(self, record: Any, result: Any) -> None:
+        self._count += 1
+        if result.best is not None:
+            self._best = result.best.accuracy
+        if self._count % 25 == 0:
+            self._say(f"  {self._count} evaluations, best so far {100 * self._best:.1f}%")
+
+    def search_finished(self, outcome: Outcome) -> None:
+        extra: dict[str, Any] = {"curve": [], "latency_ms": None, "latency_ratio": None}
+        if outcome.result is not None:
+            extra["curve"] = [None if np.isnan(v) else v for v in outcome.result.best_so_far()]
+        if outcome.policy is not None and self.task is not None:
+            model = self.task.prune(outcome.policy.ratios)
+            ms = 1e3 * measure_latency(
+                model, self.task.input_shape, self.latency_batch, repeats=LATENCY_REPEATS
+            )
+            extra["latency_ms"] = ms
+            extra["latency_ratio"] = ms / self.dense_latency_ms
+        extra["wall_seconds"] = time.perf_counter() - self._started
+        self.extra[(outcome.searcher, outcome.seed)] = extra
+        acc = outcome.metrics.get("test_accuracy")
+        self._say(
+            f"{outcome.searcher} seed {outcome.seed}: done in {extra['wall_seconds']:.0f} s, "
+            f"test acc {'-' if acc is None else f'{100 * acc:.1f}%'}"
+        )
+
+    def _say(self, text: str) -> None:
+        elapsed = (time.perf_counter() - self.start) / 60
+        print(
+            f"[{elapsed:5.1f} min] group {self.index}/{self.total} {self.group.key}: {text}",
+            flush=True,
+        )
+
+
+def run_group(plan: Plan, group: Group, hooks: BenchHooks, tracking_uri: str | None) -> dict:
+    cfg = plan.config(group, tracking_uri)
+    t0 = time.perf_counter()
+    result = run_experiment(cfg, hooks=hooks)
+    rows = []
+    for outcome in result.outcomes:
+        row = {
+            "group": group.key,
+            "model": group.model,
+            "granularity": group.granularity,
+            "budget": group.budget,
+            **outcome.row(),
+            **hooks.extra.get((outcome.searcher, outcome.seed), {}),
+            "deterministic": outcome.searcher in plan.deterministic,
+        }
+        rows.append(row)
+    return {
+        "group": group.key,
+        "parent_run": result.parent_id,
+        "seconds": time.perf_counter() - t0,
+        "dense_latency_ms": hooks.dense_latency_ms,
+        "rows": rows,
+    }
+
+
+# ------------------------------------------------------------------ report
+
+
+def _stats(values: Sequence[float | None]) -> tuple[float, float, int] | None:
+    vals = [float(v) for v in values if v is not None and not np.isnan(float(v))]
+    if not vals:
+        return None
+    spread = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return statistics.fmean(vals), spread, len(vals)
+
+
+def _fmt(values: Sequence[float | None], scale: float = 1.0, digits: int = 1) -> str:
+    s = _stats(values)
+    if s is None:
+        return "-"
+    mean, spread, _ = s
+    return f"{scale * mean:.{digits}f} ± {scale * spread:.{digits}f}"
+
+
+def cells(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Rows by (group, searcher), in run order."""
+    out: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        out.setdefault((r["group"], r["searcher"]), []).append(r)
+    return out
+
+
+def _mean(rows: list[dict], key: str) -> tuple[float, float] | None:
+    s = _stats([r.get(key) for r in rows])
+    return None if s is None else (s[0], s[1])
+
+
+COLUMNS = (
+    ("best search acc %", "best_search_accuracy", 100, 1),
+    ("test acc % (no FT)", "test_accuracy", 100, 1),
+    ("test acc % (FT)", "test_accuracy_finetuned", 100, 1),
+    ("FLOPs ratio", "flops_ratio", 1, 3),
+    ("params ratio", "params_ratio", 1, 3),
+    ("latency ratio", "latency_ratio", 1, 3),
+    ("latency ms", "latency_ms", 1, 2),
+    ("evaluations", "evaluations", 1, 0),
+    ("wall s", "wall_seconds", 1, 0),
+)
+
+
+def model_table(model: str, rows: list[dict], groups: list[str]) -> list[str]:
+    by_cell = cells(rows)
+    head = ["budget", "granularity", "searcher", *[c[0] for c in COLUMNS], "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in groups:
+        g_model, granularity, budget = key.split("/", 2)
+        if g_model != model:
+            continue
+        for (gk, searcher), cell in by_cell.items():
+            if gk != key:
+                continue
+            seeds = "1 (deterministic)" if cell[0].get("deterministic") else str(len(cell))
+            values = [_fmt([r.get(k) for r in cell], s, d) for _, k, s, d in COLUMNS]
+            lines.append(
+                f"| {budget} | {granularity} | {searcher} | {' | '.join(values)} | {seeds} |"
+            )
+    return lines
+
+
+def main_table(
+    rows: list[dict], models: list[str], searchers: list[str], key: str = "test_accuracy"
+) -> list[str]:
+    """Test accuracy at FLOPs 0.25, searchers x models; the best per model bold."""
+    by_cell = cells(rows)
+    lines = [
+        "| searcher | " + " | ".join(models) + " |",
+        "|---|" + "---|" * len(models),
+    ]
+    best: dict[str, float] = {}
+    for m in models:
+        means = [_mean(by_cell.get((f"{m}/channel/{MAIN_BUDGET}", s), []), key) for s in searchers]
+        best[m] = max((x[0] for x in means if x is not None), default=float("nan"))
+    for s in searchers:
+        out = []
+        for m in models:
+            stat = _mean(by_cell.get((f"{m}/channel/{MAIN_BUDGET}", s), []), key)
+            if stat is None:
+                out.append("-")
+                continue
+            text = f"{100 * stat[0]:.1f} ± {100 * stat[1]:.1f}"
+            out.append(f"**{text}**" if stat[0] == best[m] else text)
+        lines.append(f"| {s} | " + " | ".join(out) + " |")
+    return lines
+
+
+METRICS = (("test_accuracy", "no FT"), ("test_accuracy_finetuned", "after the same fine-tune"))
+
+
+def targets(rows: list[dict], models: list[str], groups: list[str]) -> list[str]:
+    """The issue's targets, judged on the test accuracy of each best policy with adaptive BN only
+    (what the searches optimise) and after the same fine-tune."""
+    by_cell = cells(rows)
+    out = []
+    for key_name, label in METRICS:
+        out += [f"Judged on test accuracy ({label}):", ""]
+        ahead_of_random = 0
+        judged = 0
+        for m in models:
+            key = f"{m}/channel/{MAIN_BUDGET}"
+            stats = {s: _mean(c, key_name) for (g, s), c in by_cell.items() if g == key}
+            ddpg = stats.get("ddpg")
+            if ddpg is None:
+                continue
+            judged += 1
+            others = {s: v for s, v in stats.items() if s != "ddpg" and v is not None}
+            top_name, top = max(others.items(), key=lambda kv: kv[1][0], default=("-", (0.0, 0.0)))
+            if ddpg[0] >= top[0]:
+                verdict = "best"
+            elif ddpg[0] + ddpg[1] >= top[0] - top[1]:
+                verdict = "tied (within spread)"
+            else:
+                verdict = "MISSED"
+            out.append(
+                f"- {m} at {MAIN_BUDGET}: ddpg {100 * ddpg[0]:.1f} ± {100 * ddpg[1]:.1f} vs best "
+                f"other {top_name} {100 * top[0]:.1f} ± {100 * top[1]:.1f}: {verdict}"
+            )
+            rnd = stats.get("random")
+            if rnd is not None and ddpg[0] > rnd[0]:
+                ahead_of_random += 1
+        out.append(f"- ddpg ahead of random (equal evaluations) at {MAIN_BUDGET}: "
+                   f"{ahead_of_random} of {judged} models")  # fmt: skip
+        misses = []
+        pairs = 0
+        for key in groups:
+            na = _mean(by_cell.get((key, "netadapt"), []), key_name)
+            un = _mean(by_cell.get((key, "uniform"), []), key_name)
+            if na is None or un is None:
+                continue
+            pairs += 1
+            if not na[0] > un[0]:
+                misses.append(f"{key} ({100 * na[0]:.1f} vs {100 * un[0]:.1f})")
+        out.append(
+            f"- netadapt ahead of uniform: {pairs - len(misses)} of {pairs} groups"
+            + (f"; not in {', '.join(misses)}" if misses else "")
+        )
+        out.append("")
+    return out
+
+
+def write_report(
+    out: Path, plan: Plan, done: list[dict], command: str, started: str, minutes: float
+) -> None:
+    rows = [r for g in done for r in g["rows"]]
+    groups = [g["group"] for g in done]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    searchers = list(dict.fromkeys(r["searcher"] for r in rows))
+    (out / "benchmark.json").write_text(json.dumps(done, indent=1))
+    lines = [
+        f"# autoprune benchmark  {started}",
+        "",
+        f"`{command}`: {minutes:.1f} min wall (sum over groups) on {platform.machine()}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}, {plan.workers} Ray workers; "
+        f"seeds {plan.seeds} ({', '.join(plan.deterministic)}: one run, deterministic); "
+        f"fine-tune {plan.finetune_epochs} epoch(s); MLflow experiment `{plan.experiment}`.",
+        "",
+        "Accuracies are on the digits test split (never seen by the searches) of the best policy "
+        "of each search, with adaptive BN only (no FT) and after the same fine-tune (FT); "
+        "latency is measured (median of "
+        f"{LATENCY_REPEATS}, batch {plan.task.get('eval', {}).get('latency_batch_size', 1)}, "
+        "1 thread) and given as a ratio to the dense model. Mean ± std over seeds.",
+        "",
+        f"## Main table: test accuracy % (no FT) at {MAIN_BUDGET}",
+        "",
+        *main_table(rows, models, searchers),
+        "",
+        f"Test accuracy % after the same fine-tune at {MAIN_BUDGET}:",
+        "",
+        *main_table(rows, models, searchers, "test_accuracy_finetuned"),
+        "",
+        "## Targets",
+        "",
+        *targets(rows, models, groups),
+        "",
+    ]
+    for m in models:
+        dense = next((g["dense_latency_ms"] for g in done if g["group"].startswith(m + "/")), None)
+        lines += [f"## {m}", ""]
+        if dense is not None:
+            lines += [f"Dense model latency: {dense:.2f} ms.", ""]
+        lines += [*model_table(m, rows, groups), ""]
+    (out / "benchmark.md").write_text("\n".join(lines))
+    plot_report(out, rows, models)
+
+
+def plot_report(out: Path, rows: list[dict], models: list[str]) -> None:
+    from autoprune.sweep import plot_frontier
+    from matplotlib.figure import Figure
+
+    n = len(models)
+    fig = Figure(figsize=(5 * n, 4))
+    for i, m in enumerate(models):
+        ax = fig.add_subplot(1, n, i + 1)
+        pts = [r for r in rows if r["model"] == m and r["granularity"] == "channel"
+               and r["budget"].startswith("flops")]  # fmt: skip
+        plot_frontier(pts, "test_accuracy", "flops_ratio", title=m, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out / "benchmark_frontier.png", dpi=90)
+
+    fig = Figure(figsize=(5 * n, 4))
+    for i, m in enumerate(models):
+        ax = fig.add_subplot(1, n, i + 1)
+        curves: dict[str, list[list[float]]] = {}
+        for r in rows:
+            if r["group"] == f"{m}/channel/{MAIN_BUDGET}" and r.get("curve"):
+                curves.setdefault(r["searcher"], []).append(
+                    [np.nan if v is None else 100 * v for v in r["curve"]]
+                )
+        for searcher, runs in curves.items():
+            length = min(len(c) for c in runs)
+            mean = np.nanmean(np.array([c[:length] for c in runs]), axis=0)
+            ax.plot(np.arange(1, length + 1), mean, label=searcher)
+        ax.set_title(f"{m}, {MAIN_BUDGET}")
+        ax.set_xlabel("evaluations")
+        ax.set_ylabel("best search accuracy so far %")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out / "benchmark_curves.png", dpi=90)
+
+
+# ------------------------------------------------------------------ main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--plan", type=Path, default=HERE / "benchmark.yaml")
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--models", type=_csv, help="comma-separated subset of the plan's models")
+    p.add_argument("--budgets", type=_csv, help="comma-separated, e.g. flops=0.5,flops=0.25")
+    p.add_argument("--searchers", type=_csv)
+    p.add_argument("--seeds", type=lambda t: [int(s) for s in _csv(t) or []])
+    p.add_argument("--evaluations", type=int, help="episodes of ddpg/random for every model")
+    p.add_argument("--finetune-epochs", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--no-extra", action="store_true", help="skip the fine / 2:4 rows")
+    p.add_argument("--experiment", help="MLflow experiment (default: the plan's)")
+    p.add_argument("--tracking-uri", help="MLflow URI (default sqlite:///mlflow.db)")
+    p.add_argument("--resume", action="store_true", help="skip the groups already in --out")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        plan = load_plan(args.plan, args)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "benchmark_runs.jsonl"
+    done: list[dict] = []
+    if args.resume and log.is_file():
+        keys = {g.key for g in plan.groups}
+        for line in log.read_text().splitlines():
+            with_rows = json.loads(line)
+            if with_rows["group"] in keys:
+                done.append(with_rows)
+    elif log.exists():
+        log.unlink()
+    finished = {g["group"] for g in done}
+    command = "python experiments/benchmark.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip()
+    started = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    t0 = time.perf_counter()
+    print(
+        f"benchmark: {len(plan.groups)} groups, {len(finished)} already done; "
+        f"{plan.workers} Ray workers; MLflow experiment {plan.experiment!r}",
+        flush=True,
+    )
+    try:
+        for i, group in enumerate(plan.groups, 1):
+            if group.key in finished:
+                continue
+            hooks = BenchHooks(group, i, len(plan.groups), t0)
+            result = run_group(plan, group, hooks, args.tracking_uri)
+            done.append(result)
+            with log.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+    except KeyboardInterrupt:
+        print(f"interrupted: {len(done)} groups recorded in {log}; rerun with --resume",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    order = [g.key for g in plan.groups]
+    done.sort(key=lambda g: order.index(g["group"]))
+    # The benchmark's time: every group's wall time (also across --resume), task builds included.
+    minutes = sum(g["seconds"] for g in done) / 60
+    write_report(args.out, plan, done, command, started, minutes)
+    print(f"done in {minutes:.1f} min: {args.out / 'benchmark.md'}")
+    print((args.out / "benchmark.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
