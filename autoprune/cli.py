@@ -258,6 +258,7 @@ def _experiment_cfg(
     experiment: str | None = None,
     seed: int | None = None,
     seeds: str | None = None,
+    finetune_epochs: int | None = None,
 ) -> Any:
     """The experiment config: YAML + key=value overrides + the command's options (last wins)."""
     from autoprune.experiment import experiment_config
@@ -271,6 +272,7 @@ def _experiment_cfg(
         "search.ray_address": ray_address,
         "tracking.uri": tracking_uri,
         "tracking.experiment": experiment,
+        "search.finetune_epochs": finetune_epochs,
     }
     if seeds is not None:
         try:
@@ -283,16 +285,27 @@ def _experiment_cfg(
     return experiment_config(cfg_path, [*items, *extra])
 
 
-def _bar_hooks(bar: Progress) -> Any:
-    """Progress bars for an experiment: evaluations, best accuracy so far, cost, ETA."""
+def _bar_hooks(bar: Progress, budgets: list[str] | None = None) -> Any:
+    """Progress bars for an experiment: evaluations, best accuracy so far, cost, ETA. With
+    ``budgets`` (a sweep: one experiment per budget, in order) each bar names its budget."""
     from autoprune.experiment import Hooks
 
     class BarHooks(Hooks):
         def __init__(self, bar: Progress) -> None:
             self.bar = bar
             self.job: Any = None
+            self.experiments = 0  # task_ready comes once per experiment
+
+        @property
+        def budget(self) -> str | None:
+            if not budgets or not self.experiments:
+                return None
+            return budgets[min(self.experiments, len(budgets)) - 1]
 
         def task_ready(self, task: Any) -> None:
+            self.experiments += 1
+            if budgets and self.experiments > 1:
+                return  # a sweep builds the same task for every budget
             console.print(
                 f"task: {task.config.model.name} on {task.data.name}, {len(task.space)} "
                 f"{task.config.granularity} units, criterion {task.config.criterion}"
@@ -300,6 +313,8 @@ def _bar_hooks(bar: Progress) -> Any:
 
         def search_started(self, searcher: str, seed: int, total: int | None, done: int) -> None:
             label = f"{searcher} seed {seed}" + (f" (resumed at {done})" if done else "")
+            if self.budget is not None:
+                label = f"{self.budget} {label}"
             self.job = self.bar.add_task(label, total=total, best=0.0, cost="-")
 
         def evaluation(self, record: Any, result: Any) -> None:
@@ -469,6 +484,153 @@ def compare(
     result = _run(cfg)
     console.print(_comparison_table(result.rows(), f"comparison at {cfg.search.budget}"))
     _report(result, out)
+
+
+@app.command()
+def sweep(
+    budgets: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated budgets, e.g. flops=0.75,flops=0.5 or flops=0.75,0.5,0.25 (a "
+            "bare number reuses the metric before it); + joins limits: flops=0.5+params=0.6."
+        ),
+    ],
+    config: ConfigArg = None,
+    overrides: OverridesArg = None,
+    searchers: Annotated[
+        str | None, typer.Option(help="Comma-separated, e.g. ddpg,netadapt,uniform,random.")
+    ] = None,
+    evaluations: EvalsOpt = None,
+    workers: WorkersOpt = None,
+    ray_address: AddressOpt = None,
+    tracking_uri: UriOpt = None,
+    experiment: ExperimentOpt = None,
+    seeds: SeedsOpt = None,
+    finetune_epochs: Annotated[
+        int | None,
+        typer.Option(min=0, help="Fine-tune each best policy; the plot then shows that accuracy."),
+    ] = None,
+    plot: Annotated[Path, typer.Option(help="Write the frontier plot here (PNG).")] = Path(
+        "sweep.png"
+    ),
+    csv: Annotated[Path | None, typer.Option(help="Also write every row here (CSV).")] = None,
+) -> None:
+    """Accuracy vs budget: run the searchers x seeds at every budget (one MLflow parent run per
+    budget), then tabulate and plot test accuracy against the achieved cost ratio.
+
+    The plot (and the table, as sweep.md / sweep.csv) is also logged to the last budget's
+    parent run. x: the achieved FLOPs ratio (the params ratio when every budget is params only).
+
+    Examples:
+      autoprune sweep --budgets flops=0.75,0.5,0.25 --searchers uniform,random --seeds 0,1
+      autoprune sweep experiments/compare.yaml --budgets flops=0.5,0.25,params=0.5 --csv sweep.csv
+    """
+    from autoprune.experiment import Interrupted
+    from autoprune.sweep import parse_budgets, plot_frontier, run_sweep, split_budgets
+    from autoprune.tracking import Tracker
+
+    parsed = parse_budgets(split_budgets(budgets))  # before any task is built
+    specs = [str(b) for b in parsed]
+    names = [n for n in searchers.split(",") if n.strip()] if searchers is not None else None
+    cfg = _experiment_cfg(
+        config, overrides, names, None, evaluations, workers, ray_address, tracking_uri,
+        experiment, None, seeds, finetune_epochs,
+    )  # fmt: skip
+    with _progress() as bar:
+        hooks = _bar_hooks(bar, specs)
+        try:
+            result = run_sweep(cfg, specs, hooks)
+        except Interrupted as stop:
+            index = max(hooks.experiments, 1) - 1
+            rest = specs[index + 1 :]
+            err.print(
+                f"interrupted at budget {specs[index]}: the budgets before it are recorded; "
+                f"continue this one with `autoprune search --resume {stop.parent_id}`"
+                + (f" --tracking-uri {cfg.tracking.uri}" if cfg.tracking.uri else "")
+                + (f"; not started: {' '.join(rest)}" if rest else ""),
+                soft_wrap=True,
+            )
+            raise typer.Exit(130) from None
+    rows = result.rows
+    console.print(_sweep_table(rows, f"accuracy vs budget ({', '.join(cfg.search.searchers)})"))
+    accuracy_key = "test_accuracy_finetuned" if cfg.search.finetune_epochs else "test_accuracy"
+    only_params = all(b.metrics == ("params",) for b in parsed)
+    cost_key = "params_ratio" if only_params else "flops_ratio"
+    title = f"{cfg.model.name} on {cfg.data.name}, {cfg.granularity}"
+    fig = plot_frontier(rows, accuracy_key, cost_key, title=title)
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(plot, dpi=100)
+    console.print(f"plot: {plot}")
+    if csv is not None:
+        import pandas as pd
+
+        csv.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows).to_csv(csv, index=False)
+        console.print(f"table: {csv}")
+    last = result.results[-1]
+    tracker = Tracker(last.tracking_uri, last.experiment)
+    tracker.log_figure(last.parent_id, fig, "sweep.png")
+    tracker.log_table(last.parent_id, rows, "sweep")
+    for spec, res in zip(specs, result.results, strict=True):
+        console.print(f"MLflow run at {spec}: {res.parent_id}")
+    console.print(
+        f"sweep.png and sweep.md/.csv: run {last.parent_id} (experiment {last.experiment!r})"
+    )
+    uri = last.tracking_uri
+    if uri.startswith("sqlite:"):
+        console.print(f"see the runs: mlflow ui --backend-store-uri {uri}")
+    else:
+        console.print(f"see the runs: {uri}")
+
+
+def _sweep_table(rows: list[dict[str, Any]], title: str) -> Table:
+    """One line per budget and searcher: means over seeds (accuracies with their std)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["budget"], r["searcher"]), []).append(r)
+    columns = [
+        ("FLOPs", "flops_ratio", False), ("params", "params_ratio", False),
+        ("test acc", "test_accuracy", True), ("test acc (FT)", "test_accuracy_finetuned", True),
+        ("policy acc", "policy_accuracy", False), ("evals", "evaluations", False),
+    ]  # fmt: skip
+    shown = [c for c in columns if any(r.get(c[1]) is not None for r in rows)]
+    if not any("params" in r["budget"] for r in rows):
+        shown = [c for c in shown if c[1] != "params_ratio"]
+    table = Table(title=title)
+    for header in ("budget", "searcher", "seeds"):
+        table.add_column(header, justify="right" if header == "seeds" else "left")
+    for header, _, _ in shown:
+        table.add_column(header, justify="right")
+    for (budget, searcher), members in groups.items():
+        cells = [budget, searcher, str(len(members))]
+        for _, key, spread in shown:
+            cells.append(_mean_cell([r.get(key) for r in members], key, spread))
+        table.add_row(*cells)
+    table.caption = (
+        "means over seeds (± sample std); FLOPs / params: achieved ratios of the best policies; "
+        "test acc: held-out test split, adaptive BN only"
+        + (
+            "; (FT): after fine-tuning"
+            if any(c[1] == "test_accuracy_finetuned" for c in shown)
+            else ""
+        )
+    )
+    return table
+
+
+def _mean_cell(values: list[Any], key: str, spread: bool) -> str:
+    import numpy as np
+
+    known = np.array([float(v) for v in values if v is not None])
+    if not len(known):
+        return "-"
+    mean = float(known.mean())
+    if key == "evaluations":
+        return f"{mean:g}"
+    text = f"{mean:.4f}"
+    if spread and len(known) > 1:
+        text += f" ± {float(np.std(known, ddof=1)):.4f}"
+    return text
 
 
 @app.command()
