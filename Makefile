@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy autoprune envs agents
 
 bench: $(STAMP)
-	$(PY) experiments/bench_core.py
+	$(PY) experiments/benchmark.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

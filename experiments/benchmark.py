@@ -51,6 +51,7 @@ from autoprune.experiment import (
     run_experiment,
 )
 from autoprune.task import Task
+from autoprune.training import evaluate_accuracy
 
 HERE = Path(__file__).resolve().parent
 PLAN_KEYS = {
@@ -221,6 +222,7 @@ class BenchHooks(Hooks):
         self.group, self.index, self.total, self.start = group, index, total, start
         self.task: Task | None = None
         self.dense_latency_ms = float("nan")
+        self.dense_test_accuracy = float("nan")
         self.latency_batch = 1
         self.extra: dict[tuple[str, int], dict[str, Any]] = {}
         self._started = 0.0
@@ -233,6 +235,8 @@ class BenchHooks(Hooks):
         self.dense_latency_ms = 1e3 * measure_latency(
             task.model, task.input_shape, self.latency_batch, repeats=LATENCY_REPEATS
         )
+        x, y = task.data.x_test.to(task.device), task.data.y_test.to(task.device)
+        self.dense_test_accuracy = evaluate_accuracy(task.model, x, y)[0]
 
     def search_started(self, searcher: str, seed: int, total: int | None, done: int) -> None:
         self._started = time.perf_counter()
@@ -244,7 +248,8 @@ class BenchHooks(Hooks):
         if result.best is not None:
             self._best = result.best.accuracy
         if self._count % 25 == 0:
-            self._say(f"  {self._count} evaluations, best so far {100 * self._best:.1f}%")
+            best = "-" if np.isnan(self._best) else f"{100 * self._best:.1f}%"
+            self._say(f"  {self._count} evaluations, best so far {best}")
 
     def search_finished(self, outcome: Outcome) -> None:
         extra: dict[str, Any] = {"curve": [], "latency_ms": None, "latency_ratio": None}
@@ -273,8 +278,11 @@ class BenchHooks(Hooks):
         )
 
 
-def run_group(plan: Plan, group: Group, hooks: BenchHooks, tracking_uri: str | None) -> dict:
+def run_group(
+    plan: Plan, group: Group, hooks: BenchHooks, tracking_uri: str | None, command: str
+) -> dict:
     cfg = plan.config(group, tracking_uri)
+    started = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     t0 = time.perf_counter()
     result = run_experiment(cfg, hooks=hooks)
     rows = []
@@ -292,8 +300,11 @@ def run_group(plan: Plan, group: Group, hooks: BenchHooks, tracking_uri: str | N
     return {
         "group": group.key,
         "parent_run": result.parent_id,
+        "started": started,
+        "command": command,
         "seconds": time.perf_counter() - t0,
         "dense_latency_ms": hooks.dense_latency_ms,
+        "dense_test_accuracy": hooks.dense_test_accuracy,
         "rows": rows,
     }
 
@@ -439,6 +450,21 @@ def targets(rows: list[dict], models: list[str], groups: list[str]) -> list[str]
             + (f"; not in {', '.join(misses)}" if misses else "")
         )
         out.append("")
+    wins = []
+    for m in models:
+        key = f"{m}/channel/{MAIN_BUDGET}"
+        d = _mean(by_cell.get((key, "ddpg"), []), "best_search_accuracy")
+        r = _mean(by_cell.get((key, "random"), []), "best_search_accuracy")
+        if d is not None and r is not None:
+            wins.append(
+                f"{m} {100 * d[0]:.1f} vs {100 * r[0]:.1f}" + (" (ahead)" if d[0] > r[0] else "")
+            )
+    if wins:
+        out += [
+            f"Best search accuracy, ddpg vs random at {MAIN_BUDGET} (the quantity both maximise, "
+            f"on the search split, equal evaluations): {'; '.join(wins)}.",
+            "",
+        ]
     return out
 
 
@@ -453,7 +479,7 @@ def write_report(
     lines = [
         f"# autoprune benchmark  {started}",
         "",
-        f"`{command}`: {minutes:.1f} min wall (sum over groups) on {platform.machine()}, "
+        f"{command}: {minutes:.1f} min wall (sum over groups) on {platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}, {plan.workers} Ray workers; "
         f"seeds {plan.seeds} ({', '.join(plan.deterministic)}: one run, deterministic); "
         f"fine-tune {plan.finetune_epochs} epoch(s); MLflow experiment `{plan.experiment}`.",
@@ -478,18 +504,21 @@ def write_report(
         "",
     ]
     for m in models:
-        dense = next((g["dense_latency_ms"] for g in done if g["group"].startswith(m + "/")), None)
+        first = next(g for g in done if g["group"].startswith(m + "/"))
         lines += [f"## {m}", ""]
-        if dense is not None:
-            lines += [f"Dense model latency: {dense:.2f} ms.", ""]
+        dense = f"Dense model: latency {first['dense_latency_ms']:.2f} ms"
+        if first.get("dense_test_accuracy") is not None:
+            dense += f", test accuracy {100 * first['dense_test_accuracy']:.1f}%"
+        lines += [dense + ".", ""]
         lines += [*model_table(m, rows, groups), ""]
     (out / "benchmark.md").write_text("\n".join(lines))
     plot_report(out, rows, models)
 
 
 def plot_report(out: Path, rows: list[dict], models: list[str]) -> None:
-    from autoprune.sweep import plot_frontier
     from matplotlib.figure import Figure
+
+    from autoprune.sweep import plot_frontier
 
     n = len(models)
     fig = Figure(figsize=(5 * n, 4))
@@ -512,12 +541,19 @@ def plot_report(out: Path, rows: list[dict], models: list[str]) -> None:
                 )
         for searcher, runs in curves.items():
             length = min(len(c) for c in runs)
-            mean = np.nanmean(np.array([c[:length] for c in runs]), axis=0)
-            ax.plot(np.arange(1, length + 1), mean, label=searcher)
+            values = np.array([c[:length] for c in runs])
+            if length > 1 and not np.isnan(values).any():  # a curve from the first evaluation
+                ax.plot(np.arange(1, length + 1), values.mean(axis=0), label=searcher)
+            else:  # greedy / one-shot searchers: where they ended (mean over seeds)
+                ends = [(len(c), np.nanmax(c)) for c in runs if not np.isnan(c).all()]
+                if ends:
+                    x, y = np.mean(ends, axis=0)
+                    ax.plot([x], [y], "o", label=f"{searcher} (final)")
         ax.set_title(f"{m}, {MAIN_BUDGET}")
         ax.set_xlabel("evaluations")
         ax.set_ylabel("best search accuracy so far %")
-        ax.legend(fontsize="small")
+        if curves:
+            ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(out / "benchmark_curves.png", dpi=90)
 
@@ -562,8 +598,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif log.exists():
         log.unlink()
     finished = {g["group"] for g in done}
-    command = "python experiments/benchmark.py" + (" " + " ".join(argv or sys.argv[1:])).rstrip()
-    started = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
+    command = " ".join(["python experiments/benchmark.py", *given])
+    now = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     t0 = time.perf_counter()
     print(
         f"benchmark: {len(plan.groups)} groups, {len(finished)} already done; "
@@ -575,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if group.key in finished:
                 continue
             hooks = BenchHooks(group, i, len(plan.groups), t0)
-            result = run_group(plan, group, hooks, args.tracking_uri)
+            result = run_group(plan, group, hooks, args.tracking_uri, command)
             done.append(result)
             with log.open("a") as f:
                 f.write(json.dumps(result) + "\n")
@@ -587,7 +624,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     done.sort(key=lambda g: order.index(g["group"]))
     # The benchmark's time: every group's wall time (also across --resume), task builds included.
     minutes = sum(g["seconds"] for g in done) / 60
-    write_report(args.out, plan, done, command, started, minutes)
+    # The command and start of the groups' own runs (a --resume only rewrites the report).
+    commands = sorted({g.get("command", command) for g in done})
+    started = min((g["started"] for g in done if "started" in g), default=now)
+    write_report(args.out, plan, done, " + ".join(f"`{c}`" for c in commands), started, minutes)
     print(f"done in {minutes:.1f} min: {args.out / 'benchmark.md'}")
     print((args.out / "benchmark.md").read_text())
     return 0

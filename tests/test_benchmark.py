@@ -71,6 +71,7 @@ def test_tiny_benchmark_tables_plots_runs_and_resume(tmp_path, monkeypatch, caps
     assert [g["group"] for g in groups] == [
         "resnet20/channel/flops=0.5", "resnet20/fine/params=0.5"
     ]  # fmt: skip
+    assert all(0.5 < g["dense_test_accuracy"] <= 1.0 and g["dense_latency_ms"] > 0 for g in groups)
     rows = [r for g in groups for r in g["rows"]]
     # deterministic searchers once, the others once per seed; global is channel-only (left out)
     assert sorted((r["group"].split("/")[1], r["searcher"], r["seed"]) for r in rows) == [
@@ -114,8 +115,11 @@ def test_tiny_benchmark_tables_plots_runs_and_resume(tmp_path, monkeypatch, caps
         ({}, ("--models", "resnet99"), "resnet99"),
         ({"models": {"resnet20": {"evaluations": 4, "speed": 2}}}, (), "speed"),
         ({"options": {"random": {"sigma": 0.3}}}, (), "sigma"),
-        ({"extra": [{"model": "resnet20", "granularity": "fine", "budget": "params=0.5"}]}, (),
-         "criterion 'l2' does not apply to 'fine'"),
+        (
+            {"extra": [{"model": "resnet20", "granularity": "fine", "budget": "params=0.5"}]},
+            (),
+            "criterion 'l2' does not apply to 'fine'",
+        ),
     ],
 )
 def test_bad_plan_fails_before_any_work(tmp_path, monkeypatch, capsys, change, args, message):

@@ -23,9 +23,10 @@ from autoprune.task import Task
 
 def zoo_task(name: str, folder: Path, granularity: str = "channel") -> Task:
     """A task on digits with a randomly initialised zoo model (costs do not need training)."""
-    cfg = ap.task_config(overrides=[f"model.name={name}", f"granularity={granularity}"])
-    if granularity != "channel":
-        cfg.criterion = "magnitude"
+    criterion = "l2" if granularity == "channel" else "magnitude"
+    cfg = ap.task_config(
+        overrides=[f"model.name={name}", f"granularity={granularity}", f"criterion={criterion}"]
+    )
     torch.manual_seed(0)
     from autoprune.data import load_data
 
