@@ -209,6 +209,16 @@ def _std(values: np.ndarray) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+def mean_std(values: Sequence[Any]) -> tuple[float, float, int] | None:
+    """Mean, sample std (0 for one value) and count of the finite values; None if there are none.
+    The spread every sweep and benchmark table reports."""
+    finite = [v for v in (_value({"v": x}, "v") for x in values) if v is not None]
+    if not finite:
+        return None
+    arr = np.array(finite)
+    return float(arr.mean()), _std(arr), len(finite)
+
+
 def frontier_points(
     rows: Sequence[dict[str, Any]],
     accuracy_key: str = "test_accuracy",

@@ -27,7 +27,6 @@ import datetime as dt
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -50,6 +49,7 @@ from autoprune.experiment import (
     experiment_config,
     run_experiment,
 )
+from autoprune.sweep import mean_std, plot_frontier
 from autoprune.task import Task
 from autoprune.training import evaluate_accuracy
 
@@ -312,16 +312,8 @@ def run_group(
 # ------------------------------------------------------------------ report
 
 
-def _stats(values: Sequence[float | None]) -> tuple[float, float, int] | None:
-    vals = [float(v) for v in values if v is not None and not np.isnan(float(v))]
-    if not vals:
-        return None
-    spread = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return statistics.fmean(vals), spread, len(vals)
-
-
 def _fmt(values: Sequence[float | None], scale: float = 1.0, digits: int = 1) -> str:
-    s = _stats(values)
+    s = mean_std(values)
     if s is None:
         return "-"
     mean, spread, _ = s
@@ -337,7 +329,7 @@ def cells(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
 
 
 def _mean(rows: list[dict], key: str) -> tuple[float, float] | None:
-    s = _stats([r.get(key) for r in rows])
+    s = mean_std([r.get(key) for r in rows])
     return None if s is None else (s[0], s[1])
 
 
@@ -517,8 +509,6 @@ def write_report(
 
 def plot_report(out: Path, rows: list[dict], models: list[str]) -> None:
     from matplotlib.figure import Figure
-
-    from autoprune.sweep import plot_frontier
 
     n = len(models)
     fig = Figure(figsize=(5 * n, 4))

@@ -15,14 +15,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from test_tracking import free_port, simulate, stop, wait_until_healthy
+from test_tracking import free_port, running_mlflow_server, simulate
 from typer.testing import CliRunner
 
 from autoprune.apply import load_pruned
@@ -255,40 +254,12 @@ def test_compare_records_one_child_per_searcher(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------- a tracking server
-@contextmanager
-def mlflow_server(folder: Path) -> Iterator[str]:
-    """``mlflow server`` (sqlite backend, proxied artifacts, one worker, no job runner) on a free
-    port of 127.0.0.1, in its own process group; stopped on the way out. As in test_tracking."""
-    port = free_port()
-    # fmt: off
-    command = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder}/s.db",
-               "--artifacts-destination", str(folder / "art"), "--host", "127.0.0.1",
-               "--port", str(port), "--workers", "1"]
-    # fmt: on
-    log = folder / "server.log"
-    with log.open("wb") as out:
-        server = subprocess.Popen(
-            command,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=folder,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-            start_new_session=True,
-        )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(uri, server, log)
-        yield uri
-    finally:
-        stop(server)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_search_and_best_through_a_tracking_server(tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
-    with mlflow_server(tmp_path) as uri:
+    with running_mlflow_server(tmp_path) as uri:
         args = (
             "search", "--searcher", "random", "--budget", "flops=0.5", "--evaluations", "12",
             "--experiment", "S", "--tracking-uri", uri, "--out", "best.json", "threads=1",

@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -313,25 +314,26 @@ def stop(server: subprocess.Popen[bytes]) -> None:
             continue
 
 
-@pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[str]:
-    """``mlflow server`` (sqlite backend, proxied artifacts) on a free port, stopped afterwards."""
+@contextmanager
+def running_mlflow_server(folder: Path) -> Iterator[str]:
+    """``mlflow server`` (sqlite backend, proxied artifacts, one worker, no job runner) on a free
+    port of 127.0.0.1, in its own process group; stopped on the way out. Yields its URI."""
     port = free_port()
     mlflow = Path(sys.executable).parent / "mlflow"
     # fmt: off
-    command = [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/s.db",
-               "--artifacts-destination", str(tmp_path / "art"), "--host", "127.0.0.1",
+    command = [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{folder}/s.db",
+               "--artifacts-destination", str(folder / "art"), "--host", "127.0.0.1",
                "--port", str(port), "--workers", "1"]
     # fmt: on
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner process
-    log = tmp_path / "server.log"
+    log = folder / "server.log"
     with log.open("wb") as out:
         # Its own process group, so that stop() reaches the server and its uvicorn worker only.
         server = subprocess.Popen(
             command,
             stdout=out,
             stderr=subprocess.STDOUT,
-            cwd=tmp_path,
+            cwd=folder,
             env=env,
             start_new_session=True,
         )
@@ -341,6 +343,12 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
         yield uri
     finally:
         stop(server)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    with running_mlflow_server(tmp_path) as uri:
+        yield uri
 
 
 @pytest.mark.slow
