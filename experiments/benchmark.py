@@ -13,7 +13,8 @@ main table, the targets and the command that made them), ``benchmark.json`` (eve
 ``benchmark_curves.png`` (best search accuracy so far vs evaluations at FLOPs 0.25).
 
 Interrupting is safe: every finished group is appended to ``<out>/benchmark_runs.jsonl`` and
-``--resume`` skips those (an interrupted group is re-run).
+``--resume`` skips those (an interrupted group is re-run); a run without ``--resume`` starts a
+new record and keeps the previous one as ``benchmark_runs.<time>.jsonl``.
 
     python experiments/benchmark.py                      # the full benchmark (~1 hour, 2 cores)
     python experiments/benchmark.py --models resnet20 --budgets flops=0.25 --seeds 0 \\
@@ -585,8 +586,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             with_rows = json.loads(line)
             if with_rows["group"] in keys:
                 done.append(with_rows)
-    elif log.exists():
-        log.unlink()
+    elif log.exists():  # a new benchmark; the previous record is kept, not overwritten
+        stamp = dt.datetime.fromtimestamp(log.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
+        log.rename(log.with_name(f"benchmark_runs.{stamp}.jsonl"))
     finished = {g["group"] for g in done}
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
     command = " ".join(["python experiments/benchmark.py", *given])

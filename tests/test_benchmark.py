@@ -65,8 +65,13 @@ def _parents(tmp_path: Path) -> list:
 def test_tiny_benchmark_tables_plots_runs_and_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     plan = _write(tmp_path, PLAN)
-    assert bench.main(_args(tmp_path, plan)) == 0
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "benchmark_runs.jsonl").write_text('{"group": "an earlier run"}\n')
+    assert bench.main(_args(tmp_path, plan)) == 0
+    # a new run keeps the earlier record aside
+    (kept,) = out.glob("benchmark_runs.*.jsonl")
+    assert kept.read_text() == '{"group": "an earlier run"}\n'
     groups = json.loads((out / "benchmark.json").read_text())
     assert [g["group"] for g in groups] == [
         "resnet20/channel/flops=0.5", "resnet20/fine/params=0.5"
