@@ -68,7 +68,7 @@ def trace_model(task: Task, model: nn.Module) -> Trace:
     """Trace a model (torch-pruning DepGraph) and rank its channels with the task's criterion on
     its current weights, as :func:`autoprune.apply._prune_step` does."""
     cfg = task.config
-    space = PruningSpace(model, task.input_shape, cfg.granularity, 0.999, cfg.round_to, cfg.nm.m)
+    space = task.space_for(model)
     x, y = task.data.subset("search", CRITERION_SAMPLES, seed=cfg.seed)
     scores = compute_scores(cfg.criterion, CriterionContext(model, space, x, y, seed=cfg.seed))
     return Trace(space, Ranking.from_scores(space, scores))

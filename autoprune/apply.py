@@ -82,7 +82,7 @@ def _prune_step(task: Task, model: nn.Module, target: np.ndarray) -> nn.Module:
     """Prune an already-pruned model further to ``target`` (ratios of the dense model)."""
     cfg = task.config
     model = make_masks_permanent(model)
-    space = PruningSpace(model, task.input_shape, cfg.granularity, 0.999, cfg.round_to, cfg.nm.m)
+    space = task.space_for(model)
     x, y = task.data.subset("search", CRITERION_SAMPLES, seed=cfg.seed)
     scores = compute_scores(cfg.criterion, CriterionContext(model, space, x, y, seed=cfg.seed))
     ranking = Ranking.from_scores(space, scores)
@@ -146,6 +146,8 @@ def save_pruned(path: str | Path, task: Task, model: nn.Module, policy: Policy) 
         "granularity": task.config.granularity,
         "round_to": task.config.round_to,
         "nm_m": task.config.nm.m,
+        "classifier": task.space.classifier,
+        "ignore": list(task.config.ignore),
         "policy": policy.to_json(),
         "state_dict": make_masks_permanent(model).state_dict(),
     }
@@ -169,7 +171,14 @@ def load_pruned(path: str | Path) -> tuple[nn.Module, Policy]:
     ).eval()
     if payload["granularity"] == "channel":
         space = PruningSpace(
-            model, payload["input_shape"], "channel", 0.999, payload["round_to"], payload["nm_m"]
+            model,
+            payload["input_shape"],
+            "channel",
+            0.999,
+            payload["round_to"],
+            payload["nm_m"],
+            classifier=payload.get("classifier"),
+            ignore=payload.get("ignore", []),
         )
         vec = space.ratio_vector(policy.ratios)
         identity = Ranking("channel", [np.arange(u.size) for u in space.units])

@@ -38,6 +38,11 @@ class ModelConfig(_Strict):
         "(trained on first use) for the task's data.",
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra factory arguments.")
+    classifier: str | None = Field(
+        default=None,
+        description="The layer whose outputs are the classes (never pruned); None = the last "
+        "conv / linear layer with as many outputs as the model.",
+    )
 
 
 class DataConfig(_Strict):
@@ -105,6 +110,11 @@ class TaskConfig(_Strict):
     criterion: str = "l2"
     max_ratio: float = Field(default=0.8, gt=0, lt=1)
     round_to: int = Field(default=1, ge=1, description="Keep channel counts a multiple of this.")
+    ignore: list[str] = Field(
+        default_factory=list,
+        description="Layers (or module prefixes) kept out of the search: their output channels "
+        "(channel) or weights (fine / nm) are never pruned.",
+    )
     reconstruct: bool = Field(default=False, description="Least-squares refit of next layers.")
     nm: NMConfig = Field(default_factory=NMConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -108,6 +108,8 @@ def _group_scores(
     for unit in ctx.space.units:
         total = np.zeros(unit.size)
         for m in unit.members:
+            if m.module not in modules:
+                continue  # a bare parameter (layer scale): no filter to score
             s = per_member(m, modules[m.module])
             if s is not None:
                 np.add.at(total, m.root_idxs, s[m.idxs])
@@ -270,11 +272,15 @@ def _activation_sources(unit: Unit, modules: dict[str, nn.Module]) -> list[tuple
     bns = [
         (m.module, m)
         for m in unit.members
-        if isinstance(modules[m.module], nn.modules.batchnorm._BatchNorm)
+        if isinstance(modules.get(m.module), nn.modules.batchnorm._BatchNorm)
     ]
     if bns:
         return bns
-    return [(m.module, m) for m in unit.members if _is_out_layer(m, modules[m.module])]
+    return [
+        (m.module, m)
+        for m in unit.members
+        if m.module in modules and _is_out_layer(m, modules[m.module])
+    ]
 
 
 @register("random", ("channel", "fine", "nm"), "a seeded random order (sanity baseline)")

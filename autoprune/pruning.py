@@ -1,8 +1,9 @@
 """Apply a policy to a copy of a model: channel removal, fine-grained masks, N:M masks.
 
-The input model is never mutated. Channel pruning physically removes channels with
-torch-pruning's own per-layer handlers, replayed from the dependency groups recorded once in the
-:class:`~autoprune.space.PruningSpace` (no re-trace per policy). Fine-grained and N:M pruning
+The input model is never mutated. Channel pruning physically removes channels with the
+surgery of :mod:`autoprune.surgery`, from the dependency groups recorded once in the
+:class:`~autoprune.space.PruningSpace` (no re-trace per policy): each layer is cut once, with the
+union of every unit's channels in original indices. Fine-grained and N:M pruning
 zero the least important weights of each unit; with ``persistent=True`` the zeros are kept by a
 ``torch.nn.utils.prune`` mask, so they stay zero while the model is fine-tuned.
 """
@@ -10,7 +11,7 @@ zero the least important weights of each unit; with ``persistent=True`` the zero
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from autoprune import surgery
 from autoprune.space import PruningSpace
 
 
@@ -106,24 +108,53 @@ def prune_model(
     return pruned
 
 
-def channels_to_remove(ranking: Ranking, unit: int, count: int) -> np.ndarray:
-    """The ``count`` least important root channels of a unit, sorted."""
-    return np.sort(ranking.order[unit][:count])
+def channels_to_remove(ranking: Ranking, unit: int, count: int, space: PruningSpace) -> np.ndarray:
+    """The ``count`` least important root channels of a unit, sorted. A unit feeding grouped
+    layers loses ``count / cells`` channels in every cell: the least important of each cell
+    (importance summed over the coupled layers), so every group keeps the same width."""
+    order = ranking.order[unit]
+    cells = space.units[unit].cells
+    if cells is None:
+        return np.sort(order[:count])
+    n = space.units[unit].n_cells
+    if count % n:
+        raise ValueError(
+            f"unit {space.units[unit].name!r}: {count} channels is not a multiple of its {n} groups"
+        )
+    ranked_cells = cells[order]
+    picks = [order[ranked_cells == c][: count // n] for c in range(n)]
+    return np.sort(np.concatenate(picks))
+
+
+def channel_cuts(
+    space: PruningSpace, ranking: Ranking, removed: np.ndarray
+) -> dict[tuple[str, str, int], list[int]]:
+    """Which original indices to cut from which layer: (layer, operation, dimension of a bare
+    parameter) -> indices, the union over every unit that reaches the layer (a concatenation's
+    consumer is cut once)."""
+    cuts: dict[tuple[str, str, int], set[int]] = {}
+    for unit, count in zip(space.units, removed, strict=True):
+        if count <= 0:
+            continue
+        roots = channels_to_remove(ranking, unit.index, int(count), space)
+        for member in unit.members:
+            dim = member.pruning_dim if member.op == "param" else 0
+            key = (member.module, member.op, dim)
+            cuts.setdefault(key, set()).update(member.indices_for(roots))
+    return {key: sorted(idxs) for key, idxs in cuts.items()}
 
 
 def remove_channels(
     model: nn.Module, space: PruningSpace, ranking: Ranking, removed: np.ndarray
 ) -> None:
-    """Physically remove channels in place, replaying the recorded torch-pruning handlers."""
+    """Physically remove channels in place: each layer cut once, in original indices."""
     modules = dict(model.named_modules())
-    for unit, count in zip(space.units, removed, strict=True):
-        if count <= 0:
-            continue
-        roots = channels_to_remove(ranking, unit.index, int(count))
-        for member in unit.members:
-            handler: Callable[..., nn.Module] = member.handler
-            handler.__self__.pruning_dim = member.pruning_dim  # type: ignore[attr-defined]
-            handler(modules[member.module], member.indices_for(roots))
+    for (name, op, dim), idxs in channel_cuts(space, ranking, removed).items():
+        if op == "param":
+            owner, _, attr = name.rpartition(".")
+            surgery.parameter(modules[owner], attr, dim, idxs)
+        else:
+            surgery.cut(modules[name], op, idxs)
 
 
 def weight_masks(

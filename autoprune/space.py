@@ -23,7 +23,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from autoprune.models import classifier_name
+from autoprune.surgery import NORMS, norm_channels
 
 GRANULARITIES = ("channel", "fine", "nm")
 UNIT_KINDS = ("conv", "dwconv", "linear")
@@ -56,24 +56,41 @@ class LayerGeometry:
 
 @dataclass
 class Member:
-    """One module a channel unit prunes: which handler, and which of its indices per root channel.
+    """One layer (or bare parameter) a channel unit cuts, and which of its indices per root channel.
 
     ``idxs[j]`` is removed whenever root channel ``root_idxs[j]`` is (torch-pruning's index
-    mapping: identity for coupled convs, one-to-many for a flatten into a linear layer).
+    mapping: identity for coupled convs, an offset after a concatenation, one-to-many for a
+    flatten into a linear layer). ``op`` says what is cut (see :mod:`autoprune.surgery`):
+    ``out`` / ``in`` channels of a conv or linear layer, ``dw`` both of a depthwise conv, ``ch``
+    a per-channel layer (norm, PReLU), ``param`` a bare parameter along ``pruning_dim``.
+    ``group_size`` > 0 marks a grouped layer (grouped conv, GroupNorm) whose groups of that many
+    channels must all lose the same number of channels.
     """
 
     module: str
-    handler: Callable[..., Any]
-    pruning_dim: int
-    is_out: bool
+    kind: str  # conv, gconv, dwconv, linear, norm, param
+    op: str
     idxs: np.ndarray
     root_idxs: np.ndarray
+    pruning_dim: int = 0
+    group_size: int = 0
+    _identity: bool | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def is_out(self) -> bool:
+        """Whether the unit's channels are this layer's outputs (a producer, not a consumer)."""
+        return self.op != "in"
 
     def indices_for(self, removed_roots: np.ndarray) -> list[int]:
         """The module's indices to remove when the unit removes ``removed_roots``."""
-        if len(self.idxs) == len(self.root_idxs) and np.array_equal(self.idxs, self.root_idxs):
-            return removed_roots.tolist()  # the common identity mapping, no search needed
-        return self.idxs[np.isin(self.root_idxs, removed_roots)].tolist()
+        n = len(self.idxs)
+        if self._identity is None:
+            span = np.arange(n)
+            same = np.array_equal(self.idxs, span) and np.array_equal(self.root_idxs, span)
+            self._identity = bool(same)
+        if self._identity:  # the usual mapping, root channel j is channel j: no search needed
+            return removed_roots[removed_roots < n].tolist()
+        return np.unique(self.idxs[np.isin(self.root_idxs, removed_roots)]).tolist()
 
 
 @dataclass
@@ -93,6 +110,13 @@ class Unit:
     params: int
     members: list[Member] = field(default_factory=list, repr=False)
     nm_eligible: bool = True
+    cells: np.ndarray | None = field(default=None, repr=False)
+    """Channel units feeding grouped layers: the cell of every root channel. Every cell loses
+    the same number of channels, so every group of every grouped layer does (issue 13)."""
+
+    @property
+    def n_cells(self) -> int:
+        return 1 if self.cells is None else int(self.cells.max()) + 1
 
     def features(self) -> dict[str, float]:
         """Raw (unscaled) state features of this unit."""
@@ -108,8 +132,9 @@ class Unit:
         }
 
 
-def _geometry(model: nn.Module, example: torch.Tensor) -> dict[str, LayerGeometry]:
-    """Record every conv / linear layer's input and output shapes in one forward pass."""
+def _geometry(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, LayerGeometry], Any]:
+    """Record every conv / linear layer's input and output shapes in one forward pass (in
+    execution order), and return the model's output too."""
     found: dict[str, LayerGeometry] = {}
     hooks = []
 
@@ -145,11 +170,177 @@ def _geometry(model: nn.Module, example: torch.Tensor) -> dict[str, LayerGeometr
             hooks.append(mod.register_forward_hook(hook(name)))
     try:
         with torch.no_grad():
-            model(example)
+            output = model(example)
+    except Exception as exc:  # the user's model: any failure is a shape / input problem
+        raise SpaceError(
+            f"{type(model).__name__} fails on an input of shape {tuple(example.shape)}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     finally:
         for h in hooks:
             h.remove()
-    return found
+    return found, output
+
+
+def find_classifier(
+    model: nn.Module, layers: Mapping[str, LayerGeometry], output: Any, name: str | None
+) -> str:
+    """The layer whose outputs are the classes (never pruned): ``name`` when given (checked),
+    else the last conv / linear layer, in execution order, with as many outputs as the model
+    (a linear head, or a 1x1 conv head followed by pooling as in SqueezeNet)."""
+    if name is not None:
+        if name not in layers:
+            kinds = "an nn.Conv2d or nn.Linear layer that runs in the forward pass"
+            raise SpaceError(f"classifier {name!r} is not {kinds}; layers: {list(layers)[-5:]}")
+        return name
+    if not isinstance(output, torch.Tensor) or output.dim() != 2:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise SpaceError(
+            f"{type(model).__name__} returns {shape}, not (batch, classes): name the classifier "
+            "layer (model.classifier) so that its outputs are never pruned"
+        )
+    classes = int(output.shape[1])
+    heads = [n for n, g in layers.items() if g.out_channels == classes]
+    if not heads:
+        raise SpaceError(
+            f"no conv / linear layer of {type(model).__name__} has {classes} outputs (the "
+            "model's output size): name the classifier layer (model.classifier)"
+        )
+    return heads[-1]
+
+
+def _expand_ignore(model: nn.Module, ignore: Sequence[str]) -> set[str]:
+    """Module names matched by ``ignore`` entries (a name, or a prefix of a submodule tree)."""
+    names = [n for n, _ in model.named_modules() if n]
+    out: set[str] = set()
+    for entry in ignore:
+        hits = [n for n in names if n == entry or n.startswith(entry + ".")]
+        if not hits:
+            close = [n for n in names if entry.split(".")[-1] in n][:5]
+            raise SpaceError(f"ignore: {entry!r} is not a module of the model; similar: {close}")
+        out.update(hits)
+    return out
+
+
+def _trace(model: nn.Module, example: torch.Tensor) -> Any:
+    """torch-pruning's dependency graph, with a tracing failure turned into a clear refusal."""
+    try:
+        return tp.DependencyGraph().build_dependency(model, example, verbose=False)
+    except Exception as exc:  # the tracer's own failures (e.g. ZeroDivisionError on shuffles)
+        raise SpaceError(
+            f"channel pruning cannot trace {type(model).__name__} "
+            f"({type(exc).__name__}: {exc}); use granularity 'fine' or 'nm', which need no "
+            "tracing"
+        ) from exc
+
+
+_GROUPED_WHY = "(the same channels must be removed in every group)"
+
+
+def _layer_kind(module: nn.Module, op: str) -> tuple[str, str, int] | str:
+    """(kind, op, group size) of a traced layer, or why it cannot be cut correctly."""
+    if isinstance(module, nn.Conv2d):
+        g = module.groups
+        if g == 1:
+            return "conv", op, 0
+        if g == module.in_channels == module.out_channels:
+            return "dwconv", "dw", 0
+        if g == module.out_channels:
+            return f"grouped conv with groups == out_channels != in_channels {_GROUPED_WHY}"
+        size = (module.out_channels if op == "out" else module.in_channels) // g
+        if size == 1:
+            return f"grouped conv with one {op}put channel per group {_GROUPED_WHY}"
+        return "gconv", op, size
+    if isinstance(module, nn.Linear):
+        return "linear", op, 0
+    if isinstance(module, nn.GroupNorm):
+        size = module.num_channels // module.num_groups
+        if size == 1:
+            return "norm", "ch", 0
+        return "norm", "ch", size
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
+        return "LayerNorm over more than the channel dimension"
+    if isinstance(module, NORMS):
+        return "norm", "ch", 0
+    return f"{type(module).__name__} layers are not supported by channel surgery"
+
+
+def _members(
+    group: Any, names: Mapping[int, str], params: Mapping[int, str], modules: Mapping[str, Any]
+) -> tuple[list[Member], list[str]]:
+    """The layers of one dependency group, merged per (layer, operation), and any problems."""
+    merged: dict[tuple[str, str], Member] = {}
+    problems: list[str] = []
+    for item in group.items:
+        target = item.dep.target.module
+        op = "out" if item.dep.handler.__name__ == "prune_out_channels" else "in"
+        idxs = np.asarray(item.idxs, dtype=np.int64)
+        roots = np.asarray(item.root_idxs, dtype=np.int64)
+        if isinstance(target, nn.Parameter) and id(target) in params:
+            key = params[id(target)]
+            kind: tuple[str, str, int] | str = ("param", "param", 0)
+        elif isinstance(target, nn.Module) and id(target) in names:
+            key = names[id(target)]
+            kind = _layer_kind(target, op)
+        else:
+            continue  # graph-only ops (add, concatenation, reshape): nothing to cut
+        if isinstance(kind, str):
+            problems.append(f"{key}: {kind}")
+            continue
+        member = Member(
+            key, kind[0], kind[1], idxs, roots, int(item.dep.target.pruning_dim), kind[2]
+        )
+        old = merged.get((key, member.op))
+        if old is not None:  # the same layer reached twice (a depthwise conv's in and out)
+            pairs = np.unique(
+                np.stack([np.r_[old.idxs, idxs], np.r_[old.root_idxs, roots]]), axis=1
+            )
+            old.idxs, old.root_idxs = pairs[0], pairs[1]
+        else:
+            merged[(key, member.op)] = member
+    return list(merged.values()), problems
+
+
+def _cells(unit: Unit, members: list[Member]) -> tuple[np.ndarray | None, list[str]]:
+    """Cells of a unit feeding grouped layers: root channels that share a group in every grouped
+    member. Removing the same count from every cell keeps every group the same size."""
+    grouped = [m for m in members if m.group_size > 0]
+    if not grouped:
+        return None, []
+    labels = np.zeros(unit.size, dtype=np.int64)
+    problems = []
+    for m in grouped:
+        one_to_one = len(np.unique(m.idxs)) == len(m.idxs) == len(np.unique(m.root_idxs))
+        if not one_to_one or len(m.idxs) != unit.size:
+            problems.append(f"{m.module}: grouped layer fed through a reshape or only in part")
+            continue
+        groups = m.idxs // m.group_size
+        touched = np.unique(groups)
+        if len(m.idxs) != len(touched) * m.group_size:
+            problems.append(
+                f"{m.module}: its groups mix channels of this unit and another one {_GROUPED_WHY}"
+            )
+            continue
+        per_root = np.empty(unit.size, dtype=np.int64)
+        per_root[m.root_idxs] = np.searchsorted(touched, groups)
+        labels = labels * len(touched) + per_root
+    if problems:
+        return None, problems
+    _, cells = np.unique(labels, return_inverse=True)
+    counts = np.bincount(cells)
+    if (counts != counts[0]).any():
+        return None, [f"grouped layers {[m.module for m in grouped]} cut its channels unevenly"]
+    return cells.astype(np.int64), []
+
+
+def _refusal(problems: list[str]) -> str:
+    roots = [p.split("'")[1] for p in problems]
+    return (
+        "channel pruning would not compute the pruned model correctly for "
+        + " | ".join(problems)
+        + f". Keep these units out of the search with ignore: {roots}, or use granularity "
+        "'fine' or 'nm'"
+    )
 
 
 class PruningSpace:
@@ -157,6 +348,10 @@ class PruningSpace:
 
     Build once per task: ``PruningSpace(model, input_shape, granularity)``. The model is traced
     with torch-pruning for channel granularity; the model itself is never modified.
+    ``classifier`` names the layer whose outputs are the classes (default: found by output size,
+    see :func:`find_classifier`); ``ignore`` lists layers (or module prefixes) whose output
+    channels / weights are never pruned. Structures that channel removal cannot handle
+    correctly raise :class:`SpaceError` naming the layer and the way out.
     """
 
     def __init__(
@@ -167,6 +362,8 @@ class PruningSpace:
         max_ratio: float = 0.8,
         round_to: int = 1,
         nm_m: int = 4,
+        classifier: str | None = None,
+        ignore: Sequence[str] = (),
     ) -> None:
         if granularity not in GRANULARITIES:
             raise SpaceError(f"unknown granularity {granularity!r}; choose from {GRANULARITIES}")
@@ -182,8 +379,10 @@ class PruningSpace:
         was_training = model.training
         model.eval()
         try:
-            self.layers = _geometry(model, example)
-            self.classifier = classifier_name(model)
+            self.layers, output = _geometry(model, example)
+            self.classifier = find_classifier(model, self.layers, output, classifier)
+            self.user_ignored = _expand_ignore(model, ignore)
+            self.ignored = self.user_ignored | {self.classifier}
             if granularity == "channel":
                 self.units = self._channel_units(model, example)
             else:
@@ -198,43 +397,37 @@ class PruningSpace:
 
     # ----------------------------------------------------------------- units
     def _channel_units(self, model: nn.Module, example: torch.Tensor) -> list[Unit]:
-        names = {id(m): n for n, m in model.named_modules()}
         order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-        classifier = dict(model.named_modules())[self.classifier]
-        graph = tp.DependencyGraph().build_dependency(model, example, verbose=False)
-        units = []
-        for group in graph.get_all_groups(ignored_layers=[classifier]):
-            members = [self._member(item, names) for item in group.items]
-            real = [m for m in members if m is not None]
-            outs = [m.module for m in real if m.is_out and m.module in self.layers]
+        modules = dict(model.named_modules())
+        graph = _trace(model, example)
+        names = {id(m): n for n, m in modules.items()}
+        params = {id(p): n for n, p in model.named_parameters()}
+        ignored = [modules[n] for n in self.ignored]
+        units, problems = [], []
+        for group in graph.get_all_groups(ignored_layers=ignored):
+            members, issues = _members(group, names, params, modules)
+            outs = [m.module for m in members if m.is_out and m.module in self.layers]
             if not outs:
                 continue
             root = min(outs, key=order.__getitem__)
-            units.append(self._channel_unit(root, real))
+            unit = self._channel_unit(root, members)
+            cells, why = _cells(unit, members)
+            issues += why
+            if issues:
+                problems.append(f"unit {root!r}: " + "; ".join(dict.fromkeys(issues)))
+                continue
+            unit.cells = cells
+            units.append(unit)
+        if problems:
+            raise SpaceError(_refusal(problems))
         units.sort(key=lambda u: order[u.name])
         for i, u in enumerate(units):
             u.index = i
         return units
 
-    @staticmethod
-    def _member(item: Any, names: Mapping[int, str]) -> Member | None:
-        module = item.dep.target.module
-        if not isinstance(module, nn.Module) or id(module) not in names:
-            return None  # graph-only ops (add, reshape): nothing to prune on a copy
-        handler = item.dep.handler
-        return Member(
-            module=names[id(module)],
-            handler=handler,
-            pruning_dim=item.dep.target.pruning_dim,
-            is_out=handler.__name__ == "prune_out_channels",
-            idxs=np.asarray(item.idxs, dtype=np.int64),
-            root_idxs=np.asarray(item.root_idxs, dtype=np.int64),
-        )
-
     def _channel_unit(self, root: str, members: list[Member]) -> Unit:
         geo = self.layers[root]
         shrunk = {m.module for m in members if m.is_out and m.module in self.layers}
-        shrunk |= {m.module for m in members if self.layers.get(m.module, geo).kind == "dwconv"}
         macs = sum(self.layers[n].macs for n in shrunk if n in self.layers)
         return Unit(
             index=0,
@@ -254,6 +447,8 @@ class PruningSpace:
     def _weight_units(self) -> list[Unit]:
         units = []
         for i, geo in enumerate(self.layers.values()):
+            if geo.name in self.user_ignored:
+                continue
             size = geo.out_channels * (geo.in_channels // geo.groups) * geo.kernel
             eligible = (geo.in_channels // geo.groups) % self.nm_m == 0
             if self.granularity == "nm" and not eligible:
@@ -329,9 +524,10 @@ class PruningSpace:
         if self.granularity == "fine":
             return removed.astype(np.int64)
         keep = sizes - removed
-        if self.round_to > 1:
-            keep = np.rint(keep / self.round_to) * self.round_to
-            keep = np.maximum(keep, np.ceil((sizes - most) / self.round_to) * self.round_to)
+        step = self._step
+        if (step > 1).any():
+            keep = np.rint(keep / step) * step
+            keep = np.maximum(keep, np.ceil((sizes - most) / step) * step)
             keep = np.minimum(keep, sizes)
         keep = np.maximum(keep, 1)
         return (sizes - keep).astype(np.int64)
@@ -351,16 +547,15 @@ class PruningSpace:
         """
         self._sizes = np.array([u.size for u in self.units], dtype=np.float64)
         names = list(self.layers)
-        modules = dict(model.named_modules())
-        bns = [n for n, m in modules.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        vectors = _vector_holders(model)  # per-channel parameter holders: norms, layer scales
         n_l, n_u = len(names), len(self.units)
         self._a_in = np.zeros((n_l, n_u))
         self._a_out = np.zeros((n_l, n_u))
-        self._a_bn = np.zeros((len(bns), n_u))
+        self._a_bn = np.zeros((len(vectors), n_u))
         geo = [self.layers[n] for n in names]
         self._in = np.array([g.in_channels for g in geo], dtype=np.float64)
         self._out = np.array([g.out_channels for g in geo], dtype=np.float64)
-        self._bn_total = np.array([modules[n].num_features for n in bns], dtype=np.float64)
+        self._bn_total = np.array([c for c, _ in vectors.values()], dtype=np.float64)
         dw = np.array([g.kind == "dwconv" for g in geo])
         self._dw = dw
         self._mac_coef = np.array(
@@ -368,32 +563,45 @@ class PruningSpace:
         )
         self._w_coef = np.array([g.kernel / (1 if g.kind == "dwconv" else g.groups) for g in geo])
         self._bias = np.array([1.0 if g.bias else 0.0 for g in geo])
-        self._bn_affine = np.array([2.0 if modules[n].affine else 0.0 for n in bns])
+        self._bn_affine = np.array([per for _, per in vectors.values()], dtype=np.float64)
         self._layer_names = names
-        self._bn_names = bns
+        self._bn_names = list(vectors)
         self.dense_macs = float(sum(g.macs for g in geo))
         modeled = self._params_from(self._in, self._out, self._bn_total)
         self._other_params = self.total_params - modeled
         if self.granularity == "channel":
-            self._fill_channel_maps(names, bns)
+            self._fill_channel_maps(names, self._bn_names)
         else:
             self._unit_layer = np.array([names.index(u.name) for u in self.units])
         self.dense_params = float(self.total_params)
+        self._step = self._rounding_steps()
 
-    def _fill_channel_maps(self, names: list[str], bns: list[str]) -> None:
+    def _rounding_steps(self) -> np.ndarray:
+        """Kept channels of a unit are a multiple of this: ``round_to``, and for units feeding
+        grouped layers a multiple of their cell count (the lcm, where it divides the unit)."""
+        steps = []
+        for u in self.units:
+            step = self.round_to
+            if self.granularity == "channel" and u.cells is not None:
+                step = math.lcm(self.round_to, u.n_cells)
+                if u.size % step:
+                    step = u.n_cells
+            steps.append(step)
+        return np.array(steps, dtype=np.float64)
+
+    def _fill_channel_maps(self, names: list[str], vectors: list[str]) -> None:
         li = {n: i for i, n in enumerate(names)}
-        bi = {n: i for i, n in enumerate(bns)}
+        vi = {n: i for i, n in enumerate(vectors)}
         for u in self.units:
             for m in u.members:
                 mult = len(m.idxs) / max(1, len(np.unique(m.root_idxs)))
                 if m.module in li:
-                    geo = self.layers[m.module]
-                    if m.is_out or geo.kind == "dwconv":
-                        self._a_out[li[m.module], u.index] = mult
-                    if not m.is_out or geo.kind == "dwconv":
-                        self._a_in[li[m.module], u.index] = mult
-                elif m.module in bi:
-                    self._a_bn[bi[m.module], u.index] = mult
+                    if m.op in ("out", "dw"):
+                        self._a_out[li[m.module], u.index] += mult
+                    if m.op in ("in", "dw"):
+                        self._a_in[li[m.module], u.index] += mult
+                elif m.module in vi:
+                    self._a_bn[vi[m.module], u.index] += mult
 
     def _params_from(self, kin: np.ndarray, kout: np.ndarray, kbn: np.ndarray) -> float:
         conv_in = np.where(self._dw, 1.0, kin)
@@ -444,3 +652,25 @@ class PruningSpace:
             }
             for u in self.units
         ]
+
+
+def _vector_holders(model: nn.Module) -> dict[str, tuple[int, float]]:
+    """Layers and bare parameters whose parameters are per channel: name -> (channels,
+    parameters per channel). Norm layers by their channel count; a bare parameter (not owned
+    by a conv / linear / norm layer) along its last non-singleton dimension, as torch-pruning
+    cuts it."""
+    out: dict[str, tuple[int, float]] = {}
+    owned: set[int] = set()
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear, *NORMS)):
+            owned.update(id(p) for p in m.parameters(recurse=False))
+        if isinstance(m, NORMS):
+            n = norm_channels(m)
+            params = sum(p.numel() for p in m.parameters(recurse=False))
+            out[name] = (n, params / n)
+    for name, p in model.named_parameters():
+        if id(p) not in owned and p.dim() >= 1:
+            dims = [d for d in range(p.dim()) if p.shape[d] > 1] or [p.dim() - 1]
+            n = int(p.shape[dims[-1]])
+            out[name] = (n, p.numel() / n)
+    return out

@@ -21,6 +21,7 @@ from autoprune.budget import Budget, BudgetError
 from autoprune.config import TaskConfig, task_config
 from autoprune.criteria import CriterionContext, compute_scores, get_criterion
 from autoprune.data import DataSplits, load_data
+from autoprune.equivalence import verify_channel_pruning
 from autoprune.models import build_model, checkpoint_hash, load_checkpoint, resolve_factory
 from autoprune.pruning import Ranking, prune_model
 from autoprune.reconstruct import reconstruct
@@ -48,13 +49,22 @@ class Task:
         self.checkpoint = checkpoint  # ``checkpoint_digest``: its hash, known (remote workers)
         self.checkpoint_hash = checkpoint_digest or checkpoint_hash(checkpoint)
         self.input_shape = (data.in_channels, data.image_size, data.image_size)
-        self.space = PruningSpace(
+        self.space = self.space_for(model, config.max_ratio)
+        verify_channel_pruning(model, self.space, seed=config.seed)
+
+    def space_for(self, model: nn.Module, max_ratio: float = 0.999) -> PruningSpace:
+        """The pruning space of ``model`` (the dense one, or an already pruned copy) with the
+        task's granularity, rounding, classifier and ignored layers."""
+        cfg = self.config
+        return PruningSpace(
             model,
             self.input_shape,
-            config.granularity,
-            max_ratio=config.max_ratio,
-            round_to=config.round_to,
-            nm_m=config.nm.m,
+            cfg.granularity,
+            max_ratio=max_ratio,
+            round_to=cfg.round_to,
+            nm_m=cfg.nm.m,
+            classifier=cfg.model.classifier,
+            ignore=cfg.ignore,
         )
 
     # ------------------------------------------------------------ identity
@@ -77,6 +87,10 @@ class Task:
             "criterion": self.config.criterion,
             "units": len(self.space),
         }
+        if self.config.ignore:
+            fp["ignore"] = sorted(self.config.ignore)
+        if self.config.model.classifier is not None:
+            fp["classifier"] = self.config.model.classifier
         if self.config.granularity == "nm":
             fp["nm_m"] = self.config.nm.m
         return fp

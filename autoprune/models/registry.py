@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,8 @@ def build_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) ->
 
 
 def classifier_name(model: nn.Module) -> str:
-    """Name of the final Linear layer: the classifier, whose outputs are never pruned."""
+    """Name of the final Linear layer (the zoo's classifier). Pruning finds the classifier by
+    output size instead (:func:`autoprune.space.find_classifier`), which also covers conv heads."""
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not names:
         raise ModelError(f"{type(model).__name__} has no nn.Linear classifier")
@@ -132,7 +134,11 @@ def _extract_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
             f"checkpoint {path} is not a state dict (a mapping of names to tensors, "
             "optionally under a 'state_dict' key)"
         )
-    return dict(obj)
+    state: OrderedDict[str, torch.Tensor] = OrderedDict(obj)
+    metadata = getattr(obj, "_metadata", None)
+    if isinstance(metadata, Mapping):  # module versions, read by e.g. _load_from_state_dict
+        state._metadata = OrderedDict(metadata)  # type: ignore[attr-defined]
+    return state
 
 
 def state_dict_mismatch(

@@ -1,0 +1,337 @@
+"""A test zoo of small networks, one per dependency structure real architectures contain.
+
+Each model takes a 1x16x16 input and has 10 outputs. They are written here, small and random, to
+exercise the channel-pruning engine (issue 13): concatenation (DenseNet, Inception), grouped
+convolutions (ResNeXt, RegNet with squeeze-excite), non-module parameters with LayerNorm
+(ConvNeXt), a convolutional classifier (SqueezeNet), squeeze-excite with hard-sigmoid
+(MobileNetV3), GroupNorm, a split (``torch.chunk``) and a channel shuffle (ShuffleNet), which the
+tracer maps wrongly and the engine must refuse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SHAPE = (1, 16, 16)
+
+
+def _cbr(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(),
+    )
+
+
+class _Head(nn.Module):
+    def __init__(self, cin: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cin, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+# ------------------------------------------------------------------ concatenation
+class DenseLayer(nn.Module):
+    def __init__(self, cin: int, growth: int) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, 2 * growth, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(2 * growth)
+        self.conv2 = nn.Conv2d(2 * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(F.relu(self.norm1(x)))
+        return torch.cat([x, self.conv2(F.relu(self.norm2(y)))], 1)
+
+
+class DenseNetTiny(nn.Module):
+    """DenseNet-BC: every layer's BN sees the concatenation of all earlier outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.block1 = nn.Sequential(DenseLayer(8, 6), DenseLayer(14, 6), DenseLayer(20, 6))
+        self.trans_norm = nn.BatchNorm2d(26)
+        self.trans = nn.Conv2d(26, 12, 1, bias=False)
+        self.block2 = nn.Sequential(DenseLayer(12, 6), DenseLayer(18, 6))
+        self.norm = nn.BatchNorm2d(24)
+        self.head = _Head(24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block1(self.stem(x))
+        x = F.avg_pool2d(self.trans(F.relu(self.trans_norm(x))), 2)
+        return self.head(F.relu(self.norm(self.block2(x))))
+
+
+class Inception(nn.Module):
+    def __init__(self, cin: int, c1: int, c3r: int, c3: int, cp: int) -> None:
+        super().__init__()
+        self.b1 = _cbr(cin, c1, 1)
+        self.b2 = nn.Sequential(_cbr(cin, c3r, 1), _cbr(c3r, c3, 3))
+        self.b3 = _cbr(cin, cp, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = F.max_pool2d(x, 3, 1, 1)
+        return torch.cat([self.b1(x), self.b2(x), self.b3(pooled)], 1)
+
+
+class InceptionTiny(nn.Module):
+    """GoogLeNet-style: two inception blocks, the second consumes the first's concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _cbr(1, 12)
+        self.inc1 = Inception(12, 8, 6, 10, 6)
+        self.inc2 = Inception(24, 10, 8, 12, 6)
+        self.head = _Head(28)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.inc2(self.inc1(self.stem(x))))
+
+
+# ------------------------------------------------------------- grouped convolutions
+class SqueezeExcite(nn.Module):
+    def __init__(self, c: int, hidden: int, gate: Callable[[], nn.Module] = nn.Sigmoid) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(c, hidden, 1)
+        self.fc2 = nn.Conv2d(hidden, c, 1)
+        self.gate = gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = F.adaptive_avg_pool2d(x, 1)
+        return x * self.gate(self.fc2(F.relu(self.fc1(s))))
+
+
+class GroupedBottleneck(nn.Module):
+    """ResNeXt (cardinality ``groups``) or, with ``se``, RegNetY (fixed group width + SE)."""
+
+    def __init__(self, cin: int, width: int, cout: int, groups: int, stride: int, se: bool) -> None:
+        super().__init__()
+        self.conv1 = _cbr(cin, width, 1)
+        self.conv2 = _cbr(width, width, 3, stride, groups)
+        self.se = SqueezeExcite(width, max(1, cin // 4)) if se else nn.Identity()
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.down: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn3(self.conv3(self.se(self.conv2(self.conv1(x)))))
+        return F.relu(y + self.down(x))
+
+
+class ResNeXtTiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _cbr(1, 16)
+        self.layer1 = nn.Sequential(
+            GroupedBottleneck(16, 16, 32, 4, 1, False), GroupedBottleneck(32, 16, 32, 4, 1, False)
+        )
+        self.layer2 = GroupedBottleneck(32, 32, 48, 8, 2, False)
+        self.head = _Head(48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer2(self.layer1(self.stem(x))))
+
+
+class RegNetTiny(nn.Module):
+    """Group width 4 (groups = width / 4), squeeze-excite in every block (RegNetY)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _cbr(1, 12, stride=2)
+        self.s1 = GroupedBottleneck(12, 16, 16, 4, 1, True)
+        self.s2 = GroupedBottleneck(16, 24, 24, 6, 2, True)
+        self.head = _Head(24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.s2(self.s1(self.stem(x))))
+
+
+# --------------------------------------------------- layer scale and LayerNorm
+class ChannelsFirstNorm(nn.Module):
+    """LayerNorm over the channels of an NCHW tensor (ConvNeXt's stem and downsampling)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(c, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c, eps=1e-6)
+        self.pwconv1 = nn.Linear(c, 4 * c)
+        self.pwconv2 = nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)  # layer scale: not a module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        y = self.gamma * self.pwconv2(F.gelu(self.pwconv1(y)))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ConvNeXtTiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 2, 2), ChannelsFirstNorm(16))
+        self.stage1 = nn.Sequential(ConvNeXtBlock(16), ConvNeXtBlock(16))
+        self.down = nn.Sequential(ChannelsFirstNorm(16), nn.Conv2d(16, 24, 2, 2))
+        self.stage2 = ConvNeXtBlock(24)
+        self.norm = nn.LayerNorm(24, eps=1e-6)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage2(self.down(self.stage1(self.stem(x))))
+        return self.fc(self.norm(x.mean((2, 3))))
+
+
+# ------------------------------------------------------------- conv classifier
+class Fire(nn.Module):
+    def __init__(self, cin: int, squeeze: int, expand: int) -> None:
+        super().__init__()
+        self.squeeze = nn.Conv2d(cin, squeeze, 1)
+        self.expand1 = nn.Conv2d(squeeze, expand, 1)
+        self.expand3 = nn.Conv2d(squeeze, expand, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = F.relu(self.squeeze(x))
+        return torch.cat([F.relu(self.expand1(s)), F.relu(self.expand3(s))], 1)
+
+
+class SqueezeNetTiny(nn.Module):
+    """The classifier is a 1x1 convolution producing the class scores, then a global pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, 2, 1), nn.ReLU(), Fire(16, 4, 8), Fire(16, 6, 12)
+        )
+        self.classifier = nn.Sequential(
+            nn.Dropout(0.5), nn.Conv2d(24, 10, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x)).flatten(1)
+
+
+# ------------------------------------------------- squeeze-excite, GroupNorm, split
+class MobileNetV3Tiny(nn.Module):
+    """Inverted residuals with depthwise convs, hard-swish and hard-sigmoid squeeze-excite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.Hardswish())
+        self.expand = nn.Sequential(nn.Conv2d(8, 24, 1), nn.BatchNorm2d(24), nn.Hardswish())
+        self.dw = nn.Sequential(nn.Conv2d(24, 24, 3, 1, 1, groups=24), nn.BatchNorm2d(24))
+        self.se = SqueezeExcite(24, 8, nn.Hardsigmoid)
+        self.project = nn.Sequential(nn.Conv2d(24, 8, 1), nn.BatchNorm2d(8))
+        self.last = nn.Sequential(nn.Conv2d(8, 32, 1), nn.Hardswish())
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.project(self.se(F.hardswish(self.dw(self.expand(x)))))
+        return self.fc(F.adaptive_avg_pool2d(self.last(x), 1).flatten(1))
+
+
+class GroupNormNet(nn.Module):
+    """A residual stage normalised with GroupNorm (4 groups), and a flatten into the classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, 2, 1)
+        self.gn1 = nn.GroupNorm(4, 16)
+        self.conv2 = nn.Conv2d(16, 16, 3, 1, 1)
+        self.gn2 = nn.GroupNorm(4, 16)
+        self.conv3 = nn.Conv2d(16, 8, 3, 2, 1)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.gn1(self.conv1(x)))
+        x = F.relu(x + self.gn2(self.conv2(x)))
+        return self.fc(F.relu(self.conv3(x)).flatten(1))
+
+
+class SplitNet(nn.Module):
+    """One conv's output split in two halves (``torch.chunk``), each feeding its own branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = _cbr(1, 16, stride=2)
+        self.left = _cbr(8, 12)
+        self.right = _cbr(8, 12, k=1)
+        self.head = _Head(24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.chunk(self.conv1(x), 2, dim=1)
+        return self.head(torch.cat([self.left(a), self.right(b)], 1))
+
+
+class ShuffleNetTiny(nn.Module):
+    """ShuffleNetV2's channel shuffle (view, transpose, view): refused, not mis-pruned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _cbr(1, 16, stride=2)
+        self.branch = nn.Sequential(_cbr(8, 8, 1), _cbr(8, 8, 3, groups=8), _cbr(8, 8, 1))
+        self.head = _Head(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.stem(x).chunk(2, dim=1)
+        x = torch.cat([a, self.branch(b)], 1)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.head(x)
+
+
+STRUCTURES: dict[str, Callable[[], nn.Module]] = {
+    "densenet": DenseNetTiny,
+    "inception": InceptionTiny,
+    "resnext": ResNeXtTiny,
+    "regnet": RegNetTiny,
+    "convnext": ConvNeXtTiny,
+    "squeezenet": SqueezeNetTiny,
+    "mobilenetv3": MobileNetV3Tiny,
+    "groupnorm": GroupNormNet,
+}
+"""Structures the engine must prune correctly."""
+
+REFUSED: dict[str, Callable[[], nn.Module]] = {"shufflenet": ShuffleNetTiny, "split": SplitNet}
+"""Structures the engine must refuse at build time: the tracer maps their channels wrongly
+(torch-pruning 1.6.1 follows a shuffle as if it were the identity, and hands the two halves of a
+``torch.chunk`` to the wrong consumers), which the build-time equivalence check catches."""
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial norm statistics and affine parameters, so that zeroed channels matter."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+        if isinstance(m, nn.BatchNorm2d | nn.GroupNorm | nn.LayerNorm) and m.weight is not None:
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.2)
+    return model
+
+
+def build(in_channels: int = 1, num_classes: int = 10, arch: str = "densenet") -> nn.Module:
+    """A ``package.module:factory`` entry point (``structures:build``) for tasks in tests."""
+    if in_channels != 1 or num_classes != 10:
+        raise TypeError("the test structures take 1 input channel and have 10 classes")
+    return randomize_norms({**STRUCTURES, **REFUSED}[arch]())
