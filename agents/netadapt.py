@@ -35,7 +35,7 @@ from autoprune.parallel import policy_text
 from autoprune.pruning import Ranking, prune_model
 from autoprune.space import PruningSpace
 from autoprune.task import CRITERION_SAMPLES, Task
-from autoprune.training import evaluate_accuracy, fine_tune, recalibrate_bn
+from autoprune.training import fine_tune
 
 SELECTIONS = ("accuracy", "drop_per_cost")
 MAX_HALVINGS = 30  # target reduction halved at most this often before giving up
@@ -88,17 +88,10 @@ def measure(
 ) -> Evaluation:
     """Judge a model like the evaluator does: recalibrate batch norm on the evaluator's training
     sample (EagleEye), then accuracy and loss on the search split; costs of ``vec`` (analytic)."""
-    cfg = task.config.eval
     t0 = time.perf_counter()
-    n = cfg.bn_batches * cfg.bn_batch_size
-    if n:
-        x_bn, _ = task.data.subset("train", n, seed=task.config.seed)
-        recalibrate_bn(
-            model, x_bn.to(task.device), cfg.bn_batches, cfg.bn_batch_size, seed=task.config.seed
-        )
+    task.recalibrate(model)
     t1 = time.perf_counter()
-    x, y = task.data.x_search.to(task.device), task.data.y_search.to(task.device)
-    acc, loss = evaluate_accuracy(model, x, y, cfg.batch_size)
+    acc, loss = task.score(model)
     t2 = time.perf_counter()
     latency = task.cost_ratios(vec, ("latency",))["latency"] if "latency" in metrics else None
     timing = {**(seconds or {}), "recalibrate": t1 - t0, "accuracy": t2 - t1}
@@ -399,7 +392,7 @@ class NetAdaptSearcher(Searcher):
     def _long_finetune(self, state: _State) -> None:
         """NetAdapt's long-term fine-tune of the final model, recorded as one more evaluation."""
         batches = int(self.options["long_finetune_batches"])
-        per_epoch = math.ceil(len(self.task.data.y_train) / FINETUNE_BATCH_SIZE)
+        per_epoch = math.ceil(len(self.task.data.train) / FINETUNE_BATCH_SIZE)
         t0 = time.perf_counter()
         fine_tune(
             state.model,

@@ -25,7 +25,7 @@ from autoprune.policy import Policy
 from autoprune.pruning import Ranking, make_masks_permanent, prune_model, ramp, remove_channels
 from autoprune.space import PruningSpace
 from autoprune.task import CRITERION_SAMPLES, Task
-from autoprune.training import evaluate_accuracy, fine_tune, recalibrate_bn
+from autoprune.training import fine_tune
 
 Progress = Callable[[str], None]
 
@@ -58,14 +58,11 @@ def model_metrics(task: Task, model: nn.Module, latency: bool = True) -> dict[st
 
 
 def _test_accuracy(task: Task, model: nn.Module) -> tuple[float, float]:
-    return evaluate_accuracy(
-        model, task.data.x_test.to(task.device), task.data.y_test.to(task.device)
-    )
+    return task.score(model, "test")
 
 
 def _recalibrate(task: Task, model: nn.Module) -> None:
-    x = task.data.x_train.to(task.device)
-    recalibrate_bn(model, x, task.config.eval.bn_batches, task.config.eval.bn_batch_size)
+    task.recalibrate(model)
 
 
 def _relative(current: PruningSpace, task: Task, target: np.ndarray) -> np.ndarray:
@@ -117,8 +114,9 @@ def apply_policy(
         if finetune_epochs > 0:
             say(f"step {k + 1}/{steps}: fine-tuning {finetune_epochs} epoch(s)")
             fine_tune(
-                model, task.data, finetune_epochs, lr=lr, device=cfg.device, seed=cfg.seed + k
-            )
+                model, task.data, finetune_epochs, lr=lr, device=cfg.device, seed=cfg.seed + k,
+                augment=cfg.train.finetune_augment, flip=cfg.train.flip,
+            )  # fmt: skip
         acc, _ = _test_accuracy(task, model)
         history.append({"step": k + 1, "mean_ratio": float(np.mean(target)), "test_accuracy": acc})
         say(f"step {k + 1}/{steps}: test accuracy {acc:.4f}")
@@ -147,6 +145,7 @@ def save_pruned(path: str | Path, task: Task, model: nn.Module, policy: Policy) 
         "round_to": task.config.round_to,
         "nm_m": task.config.nm.m,
         "classifier": task.space.classifier,
+        "user_module": task.checkpoint is None and task.config.model.name.endswith("(nn.Module)"),
         "ignore": list(task.config.ignore),
         "policy": policy.to_json(),
         "state_dict": make_masks_permanent(model).state_dict(),
@@ -157,8 +156,10 @@ def save_pruned(path: str | Path, task: Task, model: nn.Module, policy: Policy) 
     return out
 
 
-def load_pruned(path: str | Path) -> tuple[nn.Module, Policy]:
-    """Load a model written by :func:`save_pruned` (``weights_only=True``)."""
+def load_pruned(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Module, Policy]:
+    """Load a model written by :func:`save_pruned` (``weights_only=True``). A task built from
+    your own module needs ``model``: a dense instance of the same architecture (its weights do
+    not matter; it is pruned in place to the saved shapes)."""
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"pruned model file not found: {p}")
@@ -166,9 +167,16 @@ def load_pruned(path: str | Path) -> tuple[nn.Module, Policy]:
     if not isinstance(payload, dict) or payload.get("format") != PRUNED_FORMAT:
         raise ModelError(f"{p} is not a pruned model written by autoprune")
     policy = Policy.from_dict(json.loads(payload["policy"]), source=str(p))
-    model = build_model(
-        payload["model"], payload["in_channels"], payload["num_classes"], **payload["model_kwargs"]
-    ).eval()
+    if model is None:
+        if payload.get("user_module"):
+            raise ModelError(
+                f"{p} holds a pruned {payload['model']}: pass a dense instance as model="
+            )
+        model = build_model(
+            payload["model"], payload["in_channels"], payload["num_classes"],
+            **payload["model_kwargs"],
+        )  # fmt: skip
+    model = model.eval()
     if payload["granularity"] == "channel":
         space = PruningSpace(
             model,

@@ -48,9 +48,15 @@ class ModelConfig(_Strict):
 class DataConfig(_Strict):
     """The data set and its deterministic train / search / test splits."""
 
-    name: Literal["digits", "cifar10", "npz"] = "digits"
-    path: str | None = Field(default=None, description="Folder (cifar10) or file (npz).")
-    resize: int | None = Field(default=None, ge=4, le=256, description="Resize images to NxN.")
+    name: Literal["digits", "fashion_mnist", "mnist", "imagefolder", "cifar10", "npz"] = "digits"
+    path: str | None = Field(
+        default=None,
+        description="Folder (fashion_mnist, mnist, imagefolder, cifar10) or file (npz); "
+        "fashion_mnist defaults to Debian's /usr/share/datasets/fashion-mnist.",
+    )
+    resize: int | tuple[int, int] | None = Field(
+        default=None, description="Resize images to NxN, or to [height, width]."
+    )
     search_size: int = Field(
         default=500, ge=10, description="Images held out of the training data for the search."
     )
@@ -59,11 +65,32 @@ class DataConfig(_Strict):
     )
     seed: int = 0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _search_size_default(cls, values: Any) -> Any:
+        """AMC's 5,000 held-out images where the training set is large (MNIST-like sets)."""
+        if isinstance(values, dict) and "search_size" not in values:
+            big = values.get("name") in ("fashion_mnist", "mnist")
+            values = {**values, "search_size": 5000 if big else 500}
+        return values
+
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
-        if self.name in ("cifar10", "npz") and not self.path:
+        if self.name in ("cifar10", "npz", "mnist", "imagefolder") and not self.path:
             raise ValueError(f"data.path is required for data.name={self.name!r}")
+        sides = self.resize_hw or (4, 4)
+        if not all(4 <= s <= 512 for s in sides):
+            raise ValueError(f"data.resize sides must be in [4, 512], got {self.resize}")
         return self
+
+    @property
+    def resize_hw(self) -> tuple[int, int] | None:
+        """``resize`` as (height, width)."""
+        if self.resize is None:
+            return None
+        if isinstance(self.resize, int):
+            return (self.resize, self.resize)
+        return (int(self.resize[0]), int(self.resize[1]))
 
 
 class TrainConfig(_Strict):
@@ -77,8 +104,40 @@ class TrainConfig(_Strict):
         default=0.0, ge=0, description="Network-slimming L1 penalty on BN scaling factors."
     )
     label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="Cross-entropy smoothing.")
-    augment: bool = True
+    augment: bool = Field(default=True, description="Random shifts (zero padding + crop).")
+    flip: bool = Field(default=False, description="Random horizontal flips.")
+    finetune_augment: bool = Field(
+        default=False,
+        description="Augment (shift, and flip if set) when fine-tuning a pruned model.",
+    )
+    channels_last: bool = Field(
+        default=False,
+        description="Train in channels-last memory layout (faster convolutions on CPU).",
+    )
     seed: int = 0
+
+
+# Training defaults per data set, for the keys a config leaves out: digits keeps TrainConfig's
+# own; real data sets train fewer, larger-batch epochs (the default checkpoint must train within
+# about 20 minutes on 2 cores) and augment fine-tuning too; natural images are also flipped.
+TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "fashion_mnist": {"epochs": 8, "batch_size": 128, "lr": 0.1, "weight_decay": 5e-4,
+                      "flip": True, "finetune_augment": True, "channels_last": True},
+    "mnist": {"epochs": 8, "batch_size": 128, "lr": 0.1, "weight_decay": 5e-4,
+              "finetune_augment": True, "channels_last": True},
+    "cifar10": {"epochs": 30, "batch_size": 128, "lr": 0.1, "weight_decay": 5e-4, "flip": True,
+                "finetune_augment": True, "channels_last": True},
+    "imagefolder": {"flip": True, "finetune_augment": True, "channels_last": True},
+}  # fmt: skip
+
+
+def _train_defaults(data: Any, train: Any) -> Any:
+    """``train`` (a mapping) with the data set's defaults for the keys it does not set."""
+    name = data.get("name", "digits") if isinstance(data, dict) else getattr(data, "name", None)
+    preset = TRAIN_DEFAULTS.get(str(name), {})
+    if not preset or not isinstance(train, dict | type(None)):
+        return train
+    return {**preset, **(train or {})}
 
 
 class NMConfig(_Strict):
@@ -98,6 +157,12 @@ class EvalConfig(_Strict):
         default=1, ge=1, description="Batch size of latency measurements and the lookup table."
     )
     cache_size: int = Field(default=4096, ge=0)
+    search_images: int | None = Field(
+        default=None,
+        ge=1,
+        description="Score policies on this many images of the search split (a fixed, seeded "
+        "sample); None = all of it.",
+    )
 
 
 class TaskConfig(_Strict):
@@ -121,6 +186,18 @@ class TaskConfig(_Strict):
     device: Device = "cpu"
     threads: int | None = Field(default=None, ge=1, description="torch threads (None: default).")
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _data_set_train_defaults(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            values = {
+                **values,
+                "train": _train_defaults(values.get("data", {}), values.get("train")),
+            }
+            if values["train"] is None:
+                del values["train"]
+        return values
 
     @field_validator("criterion")
     @classmethod

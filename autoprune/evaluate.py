@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from autoprune.task import Task
-from autoprune.training import evaluate_accuracy, recalibrate_bn
+from autoprune.training import evaluate_split, recalibrate_bn
 
 
 @dataclass
@@ -127,10 +128,10 @@ class Evaluator:
         self.predict_latency = predict_latency
         self.seed = task.config.seed if seed is None else seed
         n = cfg.bn_batches * cfg.bn_batch_size
-        x_bn, _ = task.data.subset("train", n, seed=self.seed) if n else (task.data.x_train[:0], 0)
+        x_bn, _ = task.data.subset("train", n, seed=self.seed) if n else (torch.zeros(0), 0)
         self._bn_images = x_bn.to(task.device)
-        self._x = task.data.x_search.to(task.device)
-        self._y = task.data.y_search.to(task.device)
+        # in memory: the search images live on the task's device once; a stream is read per call
+        self._search = task.search_split.map(lambda t: t.to(task.device))
         self.memo = EvaluationMemo(cfg.cache_size)
         self.calls = 0
         if predict_latency:
@@ -164,7 +165,7 @@ class Evaluator:
         t1 = time.perf_counter()
         recalibrate_bn(model, self._bn_images, cfg.bn_batches, cfg.bn_batch_size, seed=self.seed)
         t2 = time.perf_counter()
-        acc, loss = evaluate_accuracy(model, self._x, self._y, cfg.batch_size)
+        acc, loss = evaluate_split(model, self._search, cfg.batch_size, self.task.metric)
         t3 = time.perf_counter()
         result = Evaluation.of(self.task, vec, acc, loss)
         if self.predict_latency:

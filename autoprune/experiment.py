@@ -278,11 +278,14 @@ def run_experiment(
     resume: str | None = None,
     hooks: Hooks | None = None,
     evaluations: int | None = None,
+    task: Task | None = None,
 ) -> ExperimentResult:
     """Run (or, with ``resume``, continue) an experiment; see the module docstring.
 
     With ``resume`` the config comes from the parent run (``config`` only supplies the tracking
-    URI); ``evaluations`` changes the requested total of the episodic searchers.
+    URI); ``evaluations`` changes the requested total of the episodic searchers. ``task``: a task
+    already built (e.g. :func:`autoprune.task.task_from_module` on your own model and data); the
+    config then supplies only the search and tracking sections (resume: pass the same task).
     """
     hooks = hooks or Hooks()
     cfg = config or ExperimentConfig()
@@ -293,8 +296,10 @@ def run_experiment(
         cfg = cfg.model_copy(
             update={"search": cfg.search.model_copy(update={"evaluations": evaluations})}
         )
+    if task is not None:
+        cfg = cfg.model_copy(update=dict(task.config))
     search = cfg.search
-    task = build_task(cfg.task(), progress=True)
+    task = task if task is not None else build_task(cfg.task(), progress=True)
     budget = task.check_budget(search.budget)
     for name in search.searchers:  # options and evaluation budgets, before anything runs
         seeds_for(search, name)

@@ -62,10 +62,11 @@ class TaskSpec:
     config: dict[str, Any]
     model: nn.Module
     data: DataSplits
-    checkpoint: str
+    checkpoint: str | None
     checkpoint_digest: str
     scores: list[np.ndarray]
     latency_table: Any = None  # costs.LatencyTable when the driver built one
+    metric: Any = None  # a user's metric: pickled by value or importable on the workers
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @classmethod
@@ -76,8 +77,9 @@ class TaskSpec:
             config=task.config.model_dump(mode="json"),
             model=model,
             data=task.data,
-            checkpoint=str(task.checkpoint),
+            checkpoint=str(task.checkpoint) if task.checkpoint is not None else None,
             checkpoint_digest=task.checkpoint_hash,
+            metric=task.metric,
             scores=[np.asarray(s) for s in task.scores],
             latency_table=task.latency_table if latency_table else None,
         )
@@ -88,7 +90,8 @@ class TaskSpec:
 
         config = TaskConfig.model_validate(self.config)
         model = copy.deepcopy(self.model).to(resolve_device(config.device))
-        task = Task(config, model, self.data, Path(self.checkpoint), self.checkpoint_digest)
+        ckpt = Path(self.checkpoint) if self.checkpoint is not None else None
+        task = Task(config, model, self.data, ckpt, self.checkpoint_digest, self.metric)
         task.__dict__["scores"] = [s.copy() for s in self.scores]  # cached_property values
         if self.latency_table is not None:
             task.__dict__["latency_table"] = self.latency_table
@@ -268,7 +271,15 @@ class RayBackend(Backend):
         self.max_restarts = max_restarts
         self.restarts = 0
         self.spec = TaskSpec.of(task, latency_table=predict_latency)
-        self.spec_ref = ray.put(self.spec)
+        try:  # cloudpickle: the model, data and metric travel by value or by import
+            self.spec_ref = ray.put(self.spec)
+        except Exception as exc:
+            raise ParallelError(
+                f"the task cannot be sent to Ray workers ({type(exc).__name__}: {exc}); its "
+                "model, data and metric must be picklable (plain tensors, Datasets and "
+                "DataLoaders without open handles; classes importable on the workers or defined "
+                "in __main__). Use workers=0 to evaluate in this process"
+            ) from exc
         self._remote = ray.remote(num_cpus=1)(_Actor)
         self.actors: list[Any] = []  # started on first use; see release()
         self.memo = EvaluationMemo(task.config.eval.cache_size)  # the driver's, for every actor

@@ -65,14 +65,19 @@ def _per_group(keep: torch.Tensor, n: int, groups: int) -> torch.Tensor:
     return (keep % size).reshape(groups, -1)
 
 
+def _rows(layer: nn.Conv2d | nn.Linear, keep: torch.Tensor) -> int:
+    """Keep the output rows ``keep`` of a layer's weight and bias; returns how many remain."""
+    layer.weight = _param(layer.weight, keep, 0)
+    if layer.bias is not None:
+        layer.bias = _param(layer.bias, keep, 0)
+    return len(keep)
+
+
 def conv_out(conv: nn.Conv2d, removed: Sequence[int]) -> None:
     keep = _keep(conv.out_channels, removed)
     if conv.groups > 1:
         _per_group(keep, conv.out_channels, conv.groups)
-    conv.weight = _param(conv.weight, keep, 0)
-    if conv.bias is not None:
-        conv.bias = _param(conv.bias, keep, 0)
-    conv.out_channels = len(keep)
+    conv.out_channels = _rows(conv, keep)
 
 
 def conv_in(conv: nn.Conv2d, removed: Sequence[int]) -> None:
@@ -90,19 +95,13 @@ def conv_in(conv: nn.Conv2d, removed: Sequence[int]) -> None:
 
 
 def conv_dw(conv: nn.Conv2d, removed: Sequence[int]) -> None:
-    keep = _keep(conv.out_channels, removed)
-    conv.weight = _param(conv.weight, keep, 0)
-    if conv.bias is not None:
-        conv.bias = _param(conv.bias, keep, 0)
-    conv.out_channels = conv.in_channels = conv.groups = len(keep)
+    conv.out_channels = conv.in_channels = conv.groups = _rows(
+        conv, _keep(conv.out_channels, removed)
+    )
 
 
 def linear_out(layer: nn.Linear, removed: Sequence[int]) -> None:
-    keep = _keep(layer.out_features, removed)
-    layer.weight = _param(layer.weight, keep, 0)
-    if layer.bias is not None:
-        layer.bias = _param(layer.bias, keep, 0)
-    layer.out_features = len(keep)
+    layer.out_features = _rows(layer, _keep(layer.out_features, removed))
 
 
 def linear_in(layer: nn.Linear, removed: Sequence[int]) -> None:

@@ -7,6 +7,7 @@ checkpoint on first use, tracing the model, scoring channels).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -20,13 +21,19 @@ from autoprune._version import __version__
 from autoprune.budget import Budget, BudgetError
 from autoprune.config import TaskConfig, task_config
 from autoprune.criteria import CriterionContext, compute_scores, get_criterion
-from autoprune.data import DataSplits, load_data
+from autoprune.data import DataSplits, Split, load_data
 from autoprune.equivalence import verify_channel_pruning
 from autoprune.models import build_model, checkpoint_hash, load_checkpoint, resolve_factory
 from autoprune.pruning import Ranking, prune_model
 from autoprune.reconstruct import reconstruct
 from autoprune.space import PruningSpace
-from autoprune.training import default_checkpoint, resolve_device
+from autoprune.training import (
+    Metric,
+    default_checkpoint,
+    evaluate_split,
+    recalibrate_bn,
+    resolve_device,
+)
 
 RatiosLike = Mapping[str, float] | Sequence[float] | np.ndarray
 CRITERION_SAMPLES = 256  # images of the search split used by data-driven criteria
@@ -40,15 +47,19 @@ class Task:
         config: TaskConfig,
         model: nn.Module,
         data: DataSplits,
-        checkpoint: Path,
+        checkpoint: Path | None,
         checkpoint_digest: str | None = None,
+        metric: Metric | None = None,
     ) -> None:
         self.config = config
         self.model = model.eval()
         self.data = data
+        self.metric = metric  # None: top-1 accuracy
         self.checkpoint = checkpoint  # ``checkpoint_digest``: its hash, known (remote workers)
-        self.checkpoint_hash = checkpoint_digest or checkpoint_hash(checkpoint)
-        self.input_shape = (data.in_channels, data.image_size, data.image_size)
+        if checkpoint_digest is None:
+            checkpoint_digest = checkpoint_hash(checkpoint) if checkpoint else weights_hash(model)
+        self.checkpoint_hash = checkpoint_digest
+        self.input_shape = tuple(int(s) for s in data.input_shape)
         self.space = self.space_for(model, config.max_ratio)
         verify_channel_pruning(model, self.space, seed=config.seed)
 
@@ -97,6 +108,31 @@ class Task:
 
     def describe(self) -> dict[str, Any]:
         return {**self.fingerprint(), "autoprune": __version__, "splits": self.data.sizes()}
+
+    # ------------------------------------------------------------ judging
+    @cached_property
+    def search_split(self) -> Split:
+        """What policies are scored on: the search split, or its fixed seeded sample of
+        ``eval.search_images`` images."""
+        n = self.config.eval.search_images
+        search = self.data.search
+        return search if n is None else search.head(n, seed=self.config.seed)
+
+    def score(self, model: nn.Module, split: str = "search") -> tuple[float, float]:
+        """(score, loss) of a model on a split: top-1 accuracy or the task's metric (its loss
+        is then NaN), in memory or streamed batch by batch."""
+        data = self.search_split if split == "search" else self.data.split(split)
+        return evaluate_split(model, data, self.config.eval.batch_size, self.metric)
+
+    def recalibrate(self, model: nn.Module, seed: int | None = None) -> nn.Module:
+        """Adaptive batch norm on the task's training images (``eval.bn_batches`` batches)."""
+        cfg = self.config.eval
+        n = cfg.bn_batches * cfg.bn_batch_size
+        if n == 0:
+            return model.eval()
+        seed = self.config.seed if seed is None else seed
+        x, _ = self.data.subset("train", n, seed=seed)
+        return recalibrate_bn(model, x.to(self.device), cfg.bn_batches, cfg.bn_batch_size, seed)
 
     # ------------------------------------------------------------- ranking
     @cached_property
@@ -225,3 +261,101 @@ def build_task(
     load_checkpoint(model, ckpt)
     model.to(resolve_device(cfg.device))
     return Task(cfg, model, data, ckpt)
+
+
+def weights_hash(model: nn.Module) -> str:
+    """First 16 hex digits of the SHA-256 of a model's state dict (a module given in Python has
+    no checkpoint file to hash)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def task_from_module(
+    model: nn.Module,
+    train: Any,
+    test: Any,
+    search: Any = None,
+    example_input: torch.Tensor | None = None,
+    metric: Metric | None = None,
+    config: TaskConfig | dict[str, Any] | str | Path | None = None,
+    overrides: list[str] | None = None,
+    num_classes: int | None = None,
+) -> Task:
+    """A task from your own model and data (issue 14).
+
+    ``train`` / ``test`` / ``search``: tensors ``(x, y)``, ``Dataset``s of ``(input, label)``
+    items, or ``DataLoader``s; ``search`` defaults to ``data.search_size`` items carved from
+    ``train``. ``example_input`` (default: one search input) is what the model is traced with.
+    ``metric(model, batches) -> float`` (higher is better) replaces top-1 accuracy. ``config``
+    sets everything else (granularity, criterion, evaluation, ``ignore``, ``model.classifier``);
+    its ``model.name`` / ``data`` entries are not used. Bad input is refused before any work.
+    """
+    from autoprune.data.user import user_splits
+
+    cfg = task_config(config, overrides)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(
+        update={"name": f"{type(model).__name__} (nn.Module)", "checkpoint": None})})  # fmt: skip
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    get_criterion(cfg.criterion, cfg.granularity)
+    data = user_splits(train, test, search, cfg.data.search_size, cfg.data.seed,
+                       num_classes, name="user")  # fmt: skip
+    model = model.to(resolve_device(cfg.device)).eval()
+    width = _check_model(model, data, example_input, num_classes)
+    data.num_classes = width
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    task = Task(cfg, model, data, None, metric=metric)
+    if metric is not None:
+        _check_metric(task)
+    return task
+
+
+def _check_model(
+    model: nn.Module, data: DataSplits, example: torch.Tensor | None, num_classes: int | None
+) -> int:
+    """The model's output width, after checking it against the example input and the labels."""
+    from autoprune.data import DataError
+
+    shape = tuple(data.input_shape)
+    if example is not None:
+        got = tuple(example.shape[1:]) if example.dim() == len(shape) + 1 else tuple(example.shape)
+        if got != shape:
+            raise DataError(f"example_input has shape {tuple(example.shape)}; the data's "
+                            f"inputs are {shape} (one sample)")  # fmt: skip
+    x, y = data.subset("search", 64, seed=0)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            out = model(x[:2].to(device))
+    except Exception as exc:  # the user's model: name it and the input it failed on
+        raise ValueError(f"{type(model).__name__} fails on inputs of shape {shape}: "
+                         f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise ValueError(
+            f"{type(model).__name__} must return (batch, classes) logits, got "
+            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out)}"
+        )
+    width = int(out.shape[1])
+    if num_classes is not None and width != num_classes:
+        raise ValueError(f"{type(model).__name__} has {width} outputs, not num_classes="
+                         f"{num_classes}")  # fmt: skip
+    if int(y.max()) >= width:
+        raise ValueError(f"labels reach {int(y.max())} but {type(model).__name__} has only "
+                         f"{width} outputs")  # fmt: skip
+    return width
+
+
+def _check_metric(task: Task) -> None:
+    """Run the user's metric once on the dense model, so a broken one fails now, not mid-search."""
+    import math
+
+    try:
+        value = task.score(task.model)[0]
+    except Exception as exc:
+        raise ValueError(f"the metric raised {type(exc).__name__}: {exc}") from exc
+    if not math.isfinite(value):
+        raise ValueError(f"the metric returned {value!r}; it must return a finite float")

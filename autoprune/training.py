@@ -15,7 +15,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autoprune.config import DataConfig, TrainConfig
-from autoprune.data import DataSplits, iterate_batches, load_data
+from autoprune.data import DataSplits, Split, iterate_batches, load_data
 from autoprune.models import MODELS, ModelError, build_model
+
+Metric = Callable[[nn.Module, Iterable[tuple[Tensor, Tensor]]], float]
+"""A user's score of a model over (input, label) batches: higher is better."""
 
 CHECKPOINT_FORMAT = 1  # bump to invalidate every cached default checkpoint
 
@@ -70,23 +73,35 @@ def train(
     dev = resolve_device(device)
     model.to(dev)
     generator = torch.Generator().manual_seed(cfg.seed)
-    steps = cfg.epochs * math.ceil(len(data.y_train) / cfg.batch_size)
+    steps = cfg.epochs * math.ceil(len(data.train) / cfg.batch_size)
     optimizer = _sgd(model, cfg.lr, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     history: dict[str, Any] = {"train_loss": [], "train_acc": []}
     start = time.perf_counter()
+    layout = cfg.channels_last and _channels_last(model)
     for epoch in range(cfg.epochs):
-        batches = _batches(data, cfg.batch_size, generator, cfg.augment, dev)
+        batches = _batches(data, cfg.batch_size, generator, dev, cfg.augment, cfg.flip, layout)
         loss, acc = _run_epoch(model, batches, optimizer, scheduler, cfg)
         history["train_loss"].append(loss)
         history["train_acc"].append(acc)
         if progress:
             print(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f} acc {acc:.4f}", file=sys.stderr)
     history["seconds"] = time.perf_counter() - start
-    history["search_acc"], _ = evaluate_accuracy(model, data.x_search, data.y_search)
-    history["test_acc"], history["test_loss"] = evaluate_accuracy(model, data.x_test, data.y_test)
+    if layout:
+        model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    history["search_acc"], _ = evaluate_split(model, data.search)
+    history["test_acc"], history["test_loss"] = evaluate_split(model, data.test)
     model.eval()
     return history
+
+
+def _channels_last(model: nn.Module) -> bool:
+    """Train conv nets in channels-last layout: measured 1.7x faster per SGD step on this CPU
+    (ResNet-20, 28x28, batch 128, 2 threads: 275 vs 470 ms). Returns whether it applies."""
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return False
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return True
 
 
 def _sgd(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.SGD:
@@ -101,12 +116,32 @@ def _sgd(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.SGD:
 
 
 def _batches(
-    data: DataSplits, batch_size: int, generator: torch.Generator, augment: bool, dev: torch.device
+    data: DataSplits,
+    batch_size: int,
+    generator: torch.Generator,
+    dev: torch.device,
+    augment: bool = False,
+    flip: bool = False,
+    channels_last: bool = False,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    for xb, yb in iterate_batches(data.x_train, data.y_train, batch_size, True, generator):
-        if augment:
+    """Shuffled training batches (streamed from a Dataset split), augmented on tensors."""
+    for xb, yb in data.batches("train", batch_size, True, generator):
+        if augment and xb.dim() == 4:
             xb = random_shift(xb, generator)
-        yield xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
+        if flip and xb.dim() == 4:
+            xb = random_flip(xb, generator)
+        xb = xb.to(dev, non_blocking=True)
+        if channels_last and xb.dim() == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        yield xb, yb.to(dev, non_blocking=True)
+
+
+def random_flip(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Mirror each image left-right with probability 1/2."""
+    flip = torch.rand(len(x), generator=generator) < 0.5
+    out = x.clone()
+    out[flip.to(x.device)] = x[flip.to(x.device)].flip(-1)
+    return out
 
 
 def _run_epoch(
@@ -177,17 +212,20 @@ def fine_tune(
     device: str = "cpu",
     max_batches: int | None = None,
     seed: int = 0,
+    augment: bool = False,
+    flip: bool = False,
 ) -> dict[str, Any]:
     """Short fine-tune after pruning, in place: SGD (Nesterov, cosine LR) on the train split.
 
     ``max_batches`` caps the total number of batches (NetAdapt's short-term fine-tune). The
     optimizer is built from ``model.parameters()``, so ``torch.nn.utils.prune`` masks stay in
-    force (masked weights stay zero). Returns per-epoch ``train_loss``/``train_acc``,
-    ``batches`` and ``seconds``.
+    force (masked weights stay zero). ``augment`` / ``flip``: random shifts / mirror images
+    (the task's ``train.finetune_augment`` and ``train.flip``). Returns per-epoch
+    ``train_loss``/``train_acc``, ``batches`` and ``seconds``.
     """
     dev = resolve_device(device)
     model.to(dev)
-    per_epoch = math.ceil(len(data.y_train) / batch_size)
+    per_epoch = math.ceil(len(data.train) / batch_size)
     steps = epochs * per_epoch if max_batches is None else min(epochs * per_epoch, max_batches)
     generator = torch.Generator().manual_seed(seed)
     optimizer = _sgd(model, lr, 5e-4)
@@ -198,7 +236,7 @@ def fine_tune(
         left = steps - history["batches"]
         if left <= 0:
             break
-        batches = _batches(data, batch_size, generator, False, dev)
+        batches = _batches(data, batch_size, generator, dev, augment, augment and flip)
         loss, acc = _run_epoch(model, batches, optimizer, scheduler, max_batches=left)
         history["train_loss"].append(loss)
         history["train_acc"].append(acc)
@@ -258,19 +296,48 @@ def evaluate_accuracy(
     """(accuracy in [0, 1], mean cross-entropy) of ``model`` in eval mode; mode is restored."""
     if len(y) == 0:
         raise ValueError("cannot evaluate on an empty split")
+    return _accuracy(model, iterate_batches(x, y, batch_size))
+
+
+def evaluate_split(
+    model: nn.Module, split: Split, batch_size: int = 512, metric: Metric | None = None
+) -> tuple[float, float]:
+    """(score, mean cross-entropy) of ``model`` on a split, in memory or streamed. The score is
+    top-1 accuracy, or ``metric(model, batches)`` (higher is better; the loss is then NaN)."""
+    if len(split) == 0:
+        raise ValueError("cannot evaluate on an empty split")
+    if metric is None:
+        return _accuracy(model, split.batches(batch_size))
     was_training = model.training
     model.eval()
+    try:
+        with torch.no_grad():
+            return float(metric(model, _on_device(split.batches(batch_size), model))), math.nan
+    finally:
+        model.train(was_training)
+
+
+def _on_device(batches: Iterable[tuple[Tensor, Tensor]], model: nn.Module) -> Iterator[Any]:
     dev = model_device(model)
-    correct, total_loss = 0, 0.0
+    for xb, yb in batches:
+        yield xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
+
+
+def _accuracy(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> tuple[float, float]:
+    was_training = model.training
+    model.eval()
+    correct, total_loss, seen = 0, 0.0, 0
     # no_grad, not inference_mode: prune hooks would store inference tensors as module weights.
     with torch.no_grad():
-        for xb, yb in iterate_batches(x, y, batch_size):
-            xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
+        for xb, yb in _on_device(batches, model):
             logits = model(xb)
             total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
             correct += int((logits.argmax(1) == yb).sum())
+            seen += len(yb)
     model.train(was_training)
-    return correct / len(y), total_loss / len(y)
+    if seen == 0:
+        raise ValueError("cannot evaluate on an empty split")
+    return correct / seen, total_loss / seen
 
 
 # ---------------------------------------------------------------- default checkpoints

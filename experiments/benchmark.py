@@ -52,7 +52,6 @@ from autoprune.experiment import (
 )
 from autoprune.sweep import mean_std, plot_frontier
 from autoprune.task import Task
-from autoprune.training import evaluate_accuracy
 
 HERE = Path(__file__).resolve().parent
 PLAN_KEYS = {
@@ -236,8 +235,7 @@ class BenchHooks(Hooks):
         self.dense_latency_ms = 1e3 * measure_latency(
             task.model, task.input_shape, self.latency_batch, repeats=LATENCY_REPEATS
         )
-        x, y = task.data.x_test.to(task.device), task.data.y_test.to(task.device)
-        self.dense_test_accuracy = evaluate_accuracy(task.model, x, y)[0]
+        self.dense_test_accuracy = task.score(task.model, "test")[0]
 
     def search_started(self, searcher: str, seed: int, total: int | None, done: int) -> None:
         self._started = time.perf_counter()

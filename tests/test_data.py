@@ -20,7 +20,7 @@ def _rows(x: torch.Tensor) -> set[bytes]:
 def test_digits_split_sizes_and_types() -> None:
     data = load_data(DataConfig(search_size=300, test_fraction=0.25))
     assert data.sizes() == {"train": 1797 - 450 - 300, "search": 300, "test": 450}
-    assert (data.num_classes, data.in_channels, data.image_size, data.name) == (10, 1, 8, "digits")
+    assert (data.num_classes, data.input_shape, data.name) == (10, (1, 8, 8), "digits")
     assert data.x_train.dtype == torch.float32 and data.y_train.dtype == torch.int64
     assert data.x_train.shape[1:] == (1, 8, 8)
     assert abs(float(data.x_train.mean())) < 1e-4 and abs(float(data.x_train.std()) - 1) < 1e-3
@@ -53,7 +53,7 @@ def test_digits_cache_returns_independent_copies() -> None:
 
 def test_digits_resize() -> None:
     data = load_data(DataConfig(resize=16))
-    assert data.x_train.shape[1:] == (1, 16, 16) and data.image_size == 16
+    assert data.x_train.shape[1:] == (1, 16, 16) and data.input_shape == (1, 16, 16)
 
 
 def test_search_size_too_big() -> None:
@@ -79,7 +79,7 @@ def test_npz_nhwc_uint8(tmp_path: Path) -> None:
     )
     data = load_data(DataConfig(name="npz", path=str(path), search_size=20))
     assert data.sizes() == {"train": 100, "search": 20, "test": 30}
-    assert (data.in_channels, data.image_size, data.num_classes) == (3, 10, 4)
+    assert (data.input_shape, data.num_classes) == ((3, 10, 10), 4)
     assert data.x_train.dtype == torch.float32
     # The channel axis was detected: per-channel means of the train split are ~0.
     assert data.x_train.mean(dim=(0, 2, 3)).abs().max() < 1e-4
@@ -140,7 +140,7 @@ def test_cifar10_fake_batches(tmp_path: Path, sub: bool) -> None:
     folder = _write_cifar(tmp_path / "cifar", sub=sub)
     data = load_data(DataConfig(name="cifar10", path=str(folder), search_size=10))
     assert data.sizes() == {"train": 90, "search": 10, "test": 20}
-    assert (data.in_channels, data.image_size) == (3, 32)
+    assert data.input_shape == (3, 32, 32)
     assert data.x_test.shape == (20, 3, 32, 32)
 
 

@@ -1,0 +1,190 @@
+"""Issue 14: a task from the user's own nn.Module and data (tensors, Datasets, DataLoaders)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from autoprune.agents import search
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from autoprune import Evaluator
+from autoprune.apply import apply_policy, load_pruned, save_pruned
+from autoprune.data import DataError
+from autoprune.task import task_from_module
+
+SHAPE = (1, 12, 10)  # not square
+
+
+class SmallNet(nn.Module):
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 12, 3, padding=1, stride=2)
+        self.b2 = nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 4
+    x = torch.randn(n, *SHAPE, generator=gen) + y[:, None, None, None] * 0.7
+    return x, y
+
+
+def _trained() -> SmallNet:
+    torch.manual_seed(0)
+    model = SmallNet()
+    x, y = _data(256, 0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(30):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+def top1_percent(model: nn.Module, batches) -> float:
+    """A custom metric: accuracy in percent, computed independently of autoprune."""
+    hits = total = 0
+    for x, y in batches:
+        hits += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    return 100.0 * hits / total
+
+
+CONFIG = {"data": {"search_size": 64}, "eval": {"bn_batches": 2, "bn_batch_size": 32}}
+
+
+def _loader_task(metric=None):
+    train, search_data, test = _data(256, 1), _data(96, 2), _data(96, 3)
+    return task_from_module(
+        _trained(),
+        train=DataLoader(TensorDataset(*train), batch_size=32, shuffle=True),
+        search=DataLoader(TensorDataset(*search_data), batch_size=48),
+        test=DataLoader(TensorDataset(*test), batch_size=48),
+        metric=metric,
+        config=CONFIG,
+    )
+
+
+def test_user_module_and_loaders_search_apply_reload(tmp_path: Path):
+    task = _loader_task(metric=top1_percent)
+    assert task.input_shape == SHAPE and task.data.num_classes == 4
+    result = search("random", task, "flops=0.6", seed=0, evaluations=4)
+    best = result.best
+    assert best.flops_ratio <= 0.6 + 1e-9
+    pruned = task.prune(best.ratios)
+    task.recalibrate(pruned)
+    batches = task.data.batches("search", 48)
+    assert best.accuracy == pytest.approx(top1_percent(pruned, batches))  # the metric is used
+    from autoprune.policy import Policy
+
+    policy = Policy.from_task(task, best.ratios)
+    applied = apply_policy(task, policy, finetune_epochs=1, latency=False)
+    x = _data(8, 9)[0]
+    expected = applied.model.eval()(x)
+    path = save_pruned(tmp_path / "pruned.pt", task, applied.model, policy)
+    with pytest.raises(ValueError, match="pass a dense instance"):
+        load_pruned(path)
+    loaded, _ = load_pruned(path, model=SmallNet())
+    assert torch.allclose(loaded(x), expected, atol=1e-5)
+    assert applied.after["test_accuracy"] > 25.0  # percent: the metric, above chance
+
+
+def test_streamed_dataset_scores_like_in_memory_tensors():
+    train, test = _data(256, 1), _data(96, 3)
+    in_memory = task_from_module(_trained(), train=train, test=test, config=CONFIG)
+    streamed = task_from_module(
+        _trained(), train=TensorDataset(*train), test=TensorDataset(*test), config=CONFIG
+    )
+    assert not streamed.data.in_memory and in_memory.data.in_memory
+    ratios = np.full(len(in_memory.space), 0.4)
+    a, b = Evaluator(in_memory).evaluate(ratios), Evaluator(streamed).evaluate(ratios)
+    assert a.accuracy == pytest.approx(b.accuracy) and a.loss == pytest.approx(b.loss, rel=1e-5)
+    assert in_memory.score(in_memory.model, "test") == pytest.approx(
+        streamed.score(streamed.model, "test")
+    )
+
+
+def test_user_task_on_two_ray_workers(ray_session):
+    """Classes of a notebook's __main__ travel by value; a test module must be registered so."""
+    import sys
+
+    from autoprune.parallel import RayBackend
+
+    ray_session.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    task = _loader_task(metric=top1_percent)
+    vecs = [np.full(len(task.space), r) for r in (0.2, 0.5, 0.7)]
+    serial = [Evaluator(task).evaluate(v).accuracy for v in vecs]
+    backend = RayBackend(task, workers=2)
+    try:
+        remote = [e.accuracy for e in backend.map(vecs)]
+    finally:
+        backend.close()
+    assert remote == pytest.approx(serial)
+
+
+def test_bad_user_input_is_refused_before_any_search():
+    train, test = _data(128, 1), _data(32, 3)
+    with pytest.raises(ValueError, match="has 4 outputs, not num_classes=10"):
+        task_from_module(_trained(), train, test, config=CONFIG, num_classes=10)
+    with pytest.raises(ValueError, match="labels reach 3 but SmallNet has only 2 outputs"):
+        task_from_module(SmallNet(classes=2), train, test, config=CONFIG)
+    with pytest.raises(DataError, match=r"example_input has shape \(1, 1, 8, 8\)"):
+        task_from_module(_trained(), train, test, example_input=torch.zeros(1, 1, 8, 8),
+                         config=CONFIG)  # fmt: skip
+    empty = DataLoader(TensorDataset(torch.zeros(0, *SHAPE), torch.zeros(0).long()))
+    with pytest.raises(DataError, match="test data is empty"):
+        task_from_module(_trained(), train, empty, config=CONFIG)
+
+    def broken(_model, _batches):
+        raise KeyError("no such column")
+
+    with pytest.raises(ValueError, match="the metric raised KeyError"):
+        task_from_module(_trained(), train, test, metric=broken, config=CONFIG)
+    with pytest.raises(DataError, match=r"expected a .inputs, labels. pair"):
+        task_from_module(_trained(), [1, 2, 3], test, config=CONFIG)
+
+
+def test_user_task_experiment_is_tracked_in_mlflow(tmp_path: Path):
+    from autoprune.experiment import experiment_config, run_experiment
+
+    task = _loader_task(metric=top1_percent)
+    cfg = experiment_config(overrides=[
+        "search.searchers=[random]", "search.evaluations=3", "search.workers=0",
+        "search.budget=flops=0.6", "tracking.experiment=user",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+    ])  # fmt: skip
+    result = run_experiment(cfg, task=task)
+    best = result.best()
+    assert best.policy.fingerprint["model"] == "SmallNet (nn.Module)"
+    assert set(best.policy.ratios) == set(task.units)
+
+
+def test_user_task_drives_the_environment_and_sensitivity():
+    from gymnasium.utils.env_checker import check_env
+
+    from autoprune import scan
+    from autoprune.envs.pruning_env import PruningEnv
+
+    task = _loader_task(metric=top1_percent)
+    env = PruningEnv(task, "flops=0.6")
+    check_env(env, skip_render_check=True)
+    _, info = env.reset(seed=0)
+    done = False
+    while not done:
+        _, _, terminated, truncated, info = env.step(env.action_space.sample())
+        done = terminated or truncated
+    assert info["evaluation"]["flops_ratio"] <= 0.6 + 1e-9
+    sens = scan(Evaluator(task), grid=[0.5])
+    assert set(sens.units) == set(task.units)
