@@ -172,10 +172,10 @@ def test_user_task_experiment_is_tracked_in_mlflow(tmp_path: Path):
 
 
 def test_user_task_drives_the_environment_and_sensitivity():
+    from autoprune.envs.pruning_env import PruningEnv
     from gymnasium.utils.env_checker import check_env
 
     from autoprune import scan
-    from autoprune.envs.pruning_env import PruningEnv
 
     task = _loader_task(metric=top1_percent)
     env = PruningEnv(task, "flops=0.6")
