@@ -122,13 +122,19 @@ def metric_steps(store: TrackingStore, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in store.client.get_metric_history(run_id, key))
 
 
+def _default_sigint() -> None:
+    """A background job started without job control inherits SIGINT ignored; Ctrl-C is tested."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt(args: tuple[str, ...], cwd: Path, sig: signal.Signals, lines: int = 15) -> int:
     """Start a search, wait until its journal has ``lines`` evaluations, send ``sig``; returns
     the exit code (stdout/stderr in ``cwd/out.txt`` and ``cwd/err.txt``)."""
     with (cwd / "out.txt").open("w") as out, (cwd / "err.txt").open("w") as err:
         proc = subprocess.Popen(
-            [str(BIN / "autoprune"), *args], stdout=out, stderr=err, cwd=cwd, env=_env()
-        )
+            [str(BIN / "autoprune"), *args], stdout=out, stderr=err, cwd=cwd, env=_env(),
+            preexec_fn=_default_sigint,  # like a terminal's foreground job, even under nohup
+        )  # fmt: skip
         try:
             deadline = time.monotonic() + 120
             while len(journal_rows(cwd)) < lines:
