@@ -45,7 +45,7 @@ def model_metrics(task: Task, model: nn.Module, latency: bool = True) -> dict[st
     """Test accuracy and loss, measured MACs and params (non-zero only for masked granularities)
     and, optionally, measured CPU latency (batch 1, one thread) of a model."""
     sparse = task.space.granularity != "channel"
-    acc, loss = _test_accuracy(task, model)
+    acc, loss = task.score(model, "test")
     out = {
         "test_accuracy": acc,
         "test_loss": loss,
@@ -55,14 +55,6 @@ def model_metrics(task: Task, model: nn.Module, latency: bool = True) -> dict[st
     if latency:
         out["latency_ms"] = 1e3 * measure_latency(model, task.input_shape, repeats=30)
     return out
-
-
-def _test_accuracy(task: Task, model: nn.Module) -> tuple[float, float]:
-    return task.score(model, "test")
-
-
-def _recalibrate(task: Task, model: nn.Module) -> None:
-    task.recalibrate(model)
 
 
 def _relative(current: PruningSpace, task: Task, target: np.ndarray) -> np.ndarray:
@@ -104,20 +96,20 @@ def apply_policy(
     before = model_metrics(task, task.model, latency)
     targets = ramp(vec, steps, schedule)
     model = task.prune(targets[0], persistent=True)
-    _recalibrate(task, model)
+    task.recalibrate(model)
     pruned_metrics = model_metrics(task, model, latency=False)  # first cut, before fine-tuning
     history: list[dict[str, Any]] = []
     for k, target in enumerate(targets):
         if k > 0:
             model = _prune_step(task, model, target)
-            _recalibrate(task, model)
+            task.recalibrate(model)
         if finetune_epochs > 0:
             say(f"step {k + 1}/{steps}: fine-tuning {finetune_epochs} epoch(s)")
             fine_tune(
                 model, task.data, finetune_epochs, lr=lr, device=cfg.device, seed=cfg.seed + k,
                 augment=cfg.train.finetune_augment, flip=cfg.train.flip,
             )  # fmt: skip
-        acc, _ = _test_accuracy(task, model)
+        acc, _ = task.score(model, "test")
         history.append({"step": k + 1, "mean_ratio": float(np.mean(target)), "test_accuracy": acc})
         say(f"step {k + 1}/{steps}: test accuracy {acc:.4f}")
     model = make_masks_permanent(model)

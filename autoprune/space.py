@@ -68,7 +68,6 @@ class Member:
     """
 
     module: str
-    kind: str  # conv, gconv, dwconv, linear, norm, param
     op: str
     idxs: np.ndarray
     root_idxs: np.ndarray
@@ -237,31 +236,31 @@ def _trace(model: nn.Module, example: torch.Tensor) -> Any:
 _GROUPED_WHY = "(the same channels must be removed in every group)"
 
 
-def _layer_kind(module: nn.Module, op: str) -> tuple[str, str, int] | str:
-    """(kind, op, group size) of a traced layer, or why it cannot be cut correctly."""
+def _layer_cut(module: nn.Module, op: str) -> tuple[str, int] | str:
+    """(surgery operation, group size) of a traced layer, or why it cannot be cut correctly."""
     if isinstance(module, nn.Conv2d):
         g = module.groups
         if g == 1:
-            return "conv", op, 0
+            return op, 0
         if g == module.in_channels == module.out_channels:
-            return "dwconv", "dw", 0
+            return "dw", 0
         if g == module.out_channels:
             return f"grouped conv with groups == out_channels != in_channels {_GROUPED_WHY}"
         size = (module.out_channels if op == "out" else module.in_channels) // g
         if size == 1:
             return f"grouped conv with one {op}put channel per group {_GROUPED_WHY}"
-        return "gconv", op, size
+        return op, size
     if isinstance(module, nn.Linear):
-        return "linear", op, 0
+        return op, 0
     if isinstance(module, nn.GroupNorm):
         size = module.num_channels // module.num_groups
         if size == 1:
-            return "norm", "ch", 0
-        return "norm", "ch", size
+            return "ch", 0
+        return "ch", size
     if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
         return "LayerNorm over more than the channel dimension"
     if isinstance(module, NORMS):
-        return "norm", "ch", 0
+        return "ch", 0
     return f"{type(module).__name__} layers are not supported by channel surgery"
 
 
@@ -278,18 +277,16 @@ def _members(
         roots = np.asarray(item.root_idxs, dtype=np.int64)
         if isinstance(target, nn.Parameter) and id(target) in params:
             key = params[id(target)]
-            kind: tuple[str, str, int] | str = ("param", "param", 0)
+            cut: tuple[str, int] | str = ("param", 0)
         elif isinstance(target, nn.Module) and id(target) in names:
             key = names[id(target)]
-            kind = _layer_kind(target, op)
+            cut = _layer_cut(target, op)
         else:
             continue  # graph-only ops (add, concatenation, reshape): nothing to cut
-        if isinstance(kind, str):
-            problems.append(f"{key}: {kind}")
+        if isinstance(cut, str):
+            problems.append(f"{key}: {cut}")
             continue
-        member = Member(
-            key, kind[0], kind[1], idxs, roots, int(item.dep.target.pruning_dim), kind[2]
-        )
+        member = Member(key, cut[0], idxs, roots, int(item.dep.target.pruning_dim), cut[1])
         old = merged.get((key, member.op))
         if old is not None:  # the same layer reached twice (a depthwise conv's in and out)
             pairs = np.unique(
@@ -333,13 +330,14 @@ def _cells(unit: Unit, members: list[Member]) -> tuple[np.ndarray | None, list[s
     return cells.astype(np.int64), []
 
 
-def _refusal(problems: list[str]) -> str:
-    roots = [p.split("'")[1] for p in problems]
+def _refusal(problems: dict[str, list[str]]) -> str:
+    """One line: every refused unit with its reasons, and the way out."""
+    listed = " | ".join(
+        f"unit {root!r}: " + "; ".join(dict.fromkeys(why)) for root, why in problems.items()
+    )
     return (
-        "channel pruning would not compute the pruned model correctly for "
-        + " | ".join(problems)
-        + f". Keep these units out of the search with ignore: {roots}, or use granularity "
-        "'fine' or 'nm'"
+        f"channel pruning would not compute the pruned model correctly for {listed}. Keep these "
+        f"units out of the search with ignore: {list(problems)}, or use granularity 'fine' or 'nm'"
     )
 
 
@@ -403,7 +401,8 @@ class PruningSpace:
         names = {id(m): n for n, m in modules.items()}
         params = {id(p): n for n, p in model.named_parameters()}
         ignored = [modules[n] for n in self.ignored]
-        units, problems = [], []
+        units: list[Unit] = []
+        problems: dict[str, list[str]] = {}
         for group in graph.get_all_groups(ignored_layers=ignored):
             members, issues = _members(group, names, params, modules)
             outs = [m.module for m in members if m.is_out and m.module in self.layers]
@@ -414,7 +413,7 @@ class PruningSpace:
             cells, why = _cells(unit, members)
             issues += why
             if issues:
-                problems.append(f"unit {root!r}: " + "; ".join(dict.fromkeys(issues)))
+                problems[root] = issues
                 continue
             unit.cells = cells
             units.append(unit)
