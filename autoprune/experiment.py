@@ -38,6 +38,7 @@ from autoprune.apply import apply_policy
 from autoprune.budget import Budget
 from autoprune.config import ConfigError, TaskConfig, _Strict, validated
 from autoprune.evaluate import Evaluation
+from autoprune.interrupts import held
 from autoprune.parallel import Backend, make_backend
 from autoprune.policy import Policy
 from autoprune.task import Task, build_task
@@ -130,6 +131,7 @@ class Journal:
         self.path = (root or Path.cwd()) / JOURNAL_DIR / f"{run_id}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
+    @held()
     def append(self, record: Record) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record.to_dict()) + "\n")
@@ -401,8 +403,9 @@ def _run_one(
 
     def callback(record: Record, result: SearchResult) -> None:
         if record.index > done:  # replayed evaluations are already recorded
-            journal.append(record)
-            logger(record, result)
+            with held():  # journal line and MLflow buffer together, never one without the other
+                journal.append(record)
+                logger(record, result)
         hooks.evaluation(record, result)
 
     options = _searcher_options(search, name)

@@ -40,6 +40,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from autoprune._version import __version__
+from autoprune.interrupts import held
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -369,6 +370,7 @@ class SearchLogger:
         ts = _now_ms()
         return [Metric(k, float(v), ts, record.index) for k, v in values.items() if v is not None]
 
+    @held()
     def flush(self) -> None:
         """Send the buffered rows (JSON-lines chunk first, then the metrics)."""
         if not self._rows:
@@ -612,6 +614,7 @@ class Tracker(TrackingStore):
             tags["autoprune.git_revision"] = self.git_revision
         return tags
 
+    @held()
     def _create_run(self, name: str, tags: Mapping[str, Any], config: Mapping[str, Any]) -> str:
         with self._errors(f"create run {name!r} in experiment {self.experiment!r}"):
             run = self.client.create_run(
@@ -623,6 +626,7 @@ class Tracker(TrackingStore):
                 self.client.log_batch(run_id, params=batch)
         return run_id
 
+    @held()
     def start_parent(
         self, name: str, config: Mapping[str, Any], tags: Mapping[str, Any] | None = None
     ) -> str:
@@ -632,6 +636,7 @@ class Tracker(TrackingStore):
         self.log_text(run_id, yaml.safe_dump(plain, sort_keys=False), "config.yaml")
         return run_id
 
+    @held()
     def start_child(
         self,
         parent_id: str,
@@ -663,6 +668,7 @@ class Tracker(TrackingStore):
         self._loggers[run_id] = log
         return log
 
+    @held()
     def finish(
         self,
         run_id: str,
@@ -698,11 +704,13 @@ class Tracker(TrackingStore):
         if result.best is not None:
             self.log_figure(run_id, plot_ratios(result.best), "ratios.png")
 
+    @held()
     def reopen(self, run_id: str) -> None:
         """Set an ended (killed, failed) run back to RUNNING to continue logging to it."""
         with self._errors(f"reopen run {run_id}"):
             self.client.update_run(run_id, status="RUNNING")
 
+    @held()
     def log_rows(self, run_id: str, rows: Sequence[Mapping[str, Any]], chunk: bool = True) -> None:
         """Log evaluations recorded elsewhere (a local journal) as if streamed: a history chunk
         and per-step metrics, ``best_accuracy`` as the best within budget among ``rows`` and the
@@ -737,6 +745,7 @@ class Tracker(TrackingStore):
             for batch in _chunks(metrics, MAX_METRICS_PER_BATCH):
                 self.client.log_batch(run_id, metrics=batch)
 
+    @held()
     def mark(self, run_id: str, status: str) -> None:
         """End a run with FINISHED, KILLED (e.g. Ctrl-C) or FAILED, after flushing its logger."""
         _check_status(status)
@@ -750,6 +759,7 @@ class Tracker(TrackingStore):
             log.close()
 
     # -------------------------------------------------------------- artifacts
+    @held()
     def log_artifact_bytes(self, run_id: str, data: bytes, name: str) -> None:
         """Store ``data`` as the artifact ``name`` (may contain folders: ``tables/x.csv``)."""
         with tempfile.TemporaryDirectory() as tmp, self._errors(f"log {name} to run {run_id}"):
@@ -757,17 +767,20 @@ class Tracker(TrackingStore):
             path.write_bytes(data)
             self.client.log_artifact(run_id, str(path), os.path.dirname(name) or None)
 
+    @held()
     def log_text(self, run_id: str, text: str, name: str) -> None:
         """Store ``text`` as the artifact ``name``."""
         with self._errors(f"log {name} to run {run_id}"):
             self.client.log_text(run_id, text, name)
 
+    @held()
     def log_table(self, run_id: str, rows: Sequence[Mapping[str, Any]], name: str) -> None:
         """Store a comparison table as ``<name>.md`` and ``<name>.csv``."""
         columns = _columns(rows)
         self.log_text(run_id, _markdown_table(rows, columns), f"{name}.md")
         self.log_text(run_id, _csv_text(rows, columns), f"{name}.csv")
 
+    @held()
     def log_figure(self, run_id: str, fig: Any, name: str) -> None:
         """Store a matplotlib figure as the image artifact ``name`` (e.g. ``plot.png``)."""
         with self._errors(f"log {name} to run {run_id}"):

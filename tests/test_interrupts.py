@@ -1,0 +1,109 @@
+"""Ctrl-C while a record is written: held until the write ends, then delivered as usual."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any
+
+import pytest
+from autoprune.agents.base import Record, SearchResult
+
+from autoprune.interrupts import held
+from autoprune.tracking import SearchLogger
+
+
+def ctrl_c() -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_interrupt_inside_a_held_block_arrives_after_it() -> None:
+    steps = []
+    with pytest.raises(KeyboardInterrupt), held():
+        ctrl_c()
+        steps.append("after the signal")  # still runs: the interrupt waits
+        with held():  # nested: one hold
+            steps.append("nested")
+        steps.append("end of block")
+    assert steps == ["after the signal", "nested", "end of block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_held_as_a_decorator_and_without_a_signal() -> None:
+    @held()
+    def write(out: list[str]) -> str:
+        ctrl_c()
+        out.append("written")
+        return "done"
+
+    out: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        write(out)
+    assert out == ["written"]
+    assert write.__wrapped__ is not None  # type: ignore[attr-defined]
+    with held():
+        pass  # no signal: nothing raised
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_custom_handler_gets_the_held_signal_and_ignored_stays_ignored() -> None:
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        with held():
+            ctrl_c()
+            assert seen == []
+        assert seen == [signal.SIGINT]
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with held():
+            ctrl_c()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_off_the_main_thread_it_is_a_plain_block() -> None:
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            with held():  # signal.signal would raise ValueError here
+                pass
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert errors == []
+
+
+class _Client:
+    """Stands in for MlflowClient; Ctrl-C arrives while the history chunk is written."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        ctrl_c()
+        self.calls.append(f"text {name}")
+
+    def log_batch(self, run_id: str, metrics: Any) -> None:
+        self.calls.append(f"batch {len(metrics)}")
+
+
+def test_ctrl_c_during_a_flush_lets_the_flush_finish() -> None:
+    client = _Client()
+    log = SearchLogger(client, "run", flush_every=2)  # type: ignore[arg-type]
+    result = SearchResult("random", {"flops": 0.5}, 0)
+
+    def record(index: int) -> Record:
+        return Record(index, {"conv1": 0.5}, 0.9, 0.1, 0.5, 0.6, None, True, 0.1, 1.0)
+
+    log(record(1), result)
+    assert client.calls == []
+    with pytest.raises(KeyboardInterrupt):
+        log(record(2), result)
+    assert client.calls == ["text history/000001-000002.jsonl", "batch 10"]  # 5 metrics x 2
+    assert log._rows == []  # flushed once: a later close does not log them again
