@@ -13,15 +13,58 @@ The public API::
     pruned = ap.apply_policy(task, policy, finetune_epochs=3).model
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from autoprune._version import __version__
-from autoprune.apply import ApplyResult, apply_policy
-from autoprune.budget import Budget, BudgetError
-from autoprune.config import ConfigError, TaskConfig, task_config
-from autoprune.evaluate import Evaluation, Evaluator
-from autoprune.policy import Policy, PolicyError
-from autoprune.sensitivity import SensitivityResult, scan
-from autoprune.space import PruningSpace, SpaceError
-from autoprune.task import Task, build_task
+
+# Public name -> the module that defines it. Imported on first use (PEP 562), so that
+# ``import autoprune`` (and the CLI, for ``--help`` or ``best``) does not pay for torch.
+_EXPORTS = {
+    "ApplyResult": "autoprune.apply",
+    "apply_policy": "autoprune.apply",
+    "Budget": "autoprune.budget",
+    "BudgetError": "autoprune.budget",
+    "ConfigError": "autoprune.config",
+    "TaskConfig": "autoprune.config",
+    "task_config": "autoprune.config",
+    "Evaluation": "autoprune.evaluate",
+    "Evaluator": "autoprune.evaluate",
+    "Policy": "autoprune.policy",
+    "PolicyError": "autoprune.policy",
+    "SensitivityResult": "autoprune.sensitivity",
+    "scan": "autoprune.sensitivity",
+    "PruningSpace": "autoprune.space",
+    "SpaceError": "autoprune.space",
+    "Task": "autoprune.task",
+    "build_task": "autoprune.task",
+}
+
+if TYPE_CHECKING:
+    from autoprune.apply import ApplyResult, apply_policy
+    from autoprune.budget import Budget, BudgetError
+    from autoprune.config import ConfigError, TaskConfig, task_config
+    from autoprune.evaluate import Evaluation, Evaluator
+    from autoprune.policy import Policy, PolicyError
+    from autoprune.sensitivity import SensitivityResult, scan
+    from autoprune.space import PruningSpace, SpaceError
+    from autoprune.task import Task, build_task
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'autoprune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "ApplyResult",

@@ -468,7 +468,7 @@ def compare(
       autoprune compare --recorded --experiment autoprune
     """
     if recorded:
-        from autoprune.experiment import recorded_comparison
+        from autoprune.runstore import recorded_comparison
 
         name = experiment or "autoprune"
         rows = recorded_comparison(tracking_uri, name)
@@ -649,10 +649,9 @@ def best(
       autoprune best --run 3f2a... --json
     """
     from autoprune.policy import Policy
-    from autoprune.tracking import TrackingStore
+    from autoprune.runstore import run_reader
 
-    store = TrackingStore(tracking_uri)
-    data, run_id = store.best_policy(experiment, searcher, run)
+    data, run_id = run_reader(tracking_uri).best_policy(experiment, searcher, run)
     policy = Policy.from_dict(data, source=f"run {run_id}")
     if out is not None:
         policy.save(out)
@@ -681,19 +680,43 @@ def runs(
 
     Example: autoprune runs --experiment autoprune
     """
-    from autoprune.tracking import TrackingStore
+    from autoprune.runstore import run_reader
 
-    rows = TrackingStore(tracking_uri).list_runs(experiment or "autoprune")
+    rows = run_reader(tracking_uri).list_runs(experiment or "autoprune")
     table = Table(title=f"runs of {experiment!r}")
-    for col in ("run id", "kind", "name", "status", "started", "best acc", "evals", "parent"):
-        table.add_column(col)
-    for r in rows:
+    table.add_column("run id", no_wrap=True, min_width=32)  # whole: copied into best / resume
+    table.add_column("name", overflow="fold")
+    for col in ("status", "started", "policy acc", "search acc", "evals"):
+        table.add_column(
+            col, no_wrap=True, justify="left" if col in ("status", "started") else "right"
+        )
+    for r in _grouped(rows):
+        child = r.get("kind") != "parent"
+        m = r.get("metrics") or {}
         table.add_row(
-            r["run_id"], str(r.get("kind")), str(r.get("name")), str(r.get("status")),
-            str(r.get("start_time"))[:19], _cell(r.get("best_search_accuracy")),
-            _cell(r.get("evaluations"), "evaluations"), str(r.get("parent_id") or "-"),
+            r["run_id"], ("  └ " if child else "") + str(r.get("name")), str(r.get("status")),
+            str(r.get("start_time") or "-")[5:16].replace("T", " "),
+            _cell(m.get("policy_accuracy")), _cell(r.get("best_search_accuracy")),
+            _cell(r.get("evaluations"), "evaluations"), style=None if child else "bold",
         )  # fmt: skip
     console.print(table)
+    console.print(
+        "policy acc: what `autoprune best` ranks by (the best policy judged like any policy); "
+        "search acc: the searcher's own best (NetAdapt's includes fine-tunes). Resume a launch "
+        "with --resume <parent run id> (bold rows)."
+    )
+
+
+def _grouped(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each launch (parent run) followed by its searches; searches without a listed parent last."""
+    parents = [r for r in rows if r.get("kind") == "parent"]
+    ids = {r["run_id"] for r in parents}
+    out: list[dict[str, Any]] = []
+    for parent in parents:
+        out.append(parent)
+        out.extend(r for r in rows if r.get("parent_id") == parent["run_id"])
+    out.extend(r for r in rows if r.get("kind") != "parent" and r.get("parent_id") not in ids)
+    return out
 
 
 @app.command()

@@ -495,30 +495,3 @@ def plot_curves(curves: dict[str, list[float]]) -> Any:
     ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
-
-
-def recorded_comparison(tracker_uri: str | None, experiment: str) -> list[dict[str, Any]]:
-    """The comparison rows of the searches already recorded in an experiment (newest last)."""
-    from autoprune.tracking import TrackingStore
-
-    store = TrackingStore(tracker_uri)
-    rows = []
-    for run in store.list_runs(experiment):
-        if run.get("kind") != "search":
-            continue
-        m = run.get("metrics") or {}
-        rows.append(
-            {
-                "searcher": run["searcher"],
-                "seed": run["seed"],
-                "status": run["status"],
-                "best_search_accuracy": m.get("best_search_accuracy"),
-                "policy_accuracy": m.get("policy_accuracy"),
-                "test_accuracy": m.get("test_accuracy"),
-                "flops_ratio": m.get("best_flops_ratio"),
-                "evaluations": m.get("evaluations"),
-                "seconds": m.get("search_seconds"),
-                "run_id": run["run_id"],
-            }
-        )
-    return rows

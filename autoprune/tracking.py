@@ -25,14 +25,10 @@ import re
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import yaml
 from mlflow.entities import Metric, Param, Run
@@ -41,6 +37,35 @@ from mlflow.tracking import MlflowClient
 
 from autoprune._version import __version__
 from autoprune.interrupts import held
+from autoprune.runstore import (
+    DATABASE_SCHEMES,
+    EVALUATION_METRICS,
+    HTTP_ENV_DEFAULTS,
+    TrackingError,
+    check_searcher_name,
+    check_tracking_uri,
+    is_sqlite,
+    no_best_policy,
+    no_policy_file,
+    policy_rank,
+    require_database,
+    resolve_tracking_uri,
+    run_summary,
+    sqlite_path,
+)
+
+# Re-exported: callers import the tracking API from here.
+__all__ = [
+    "DATABASE_SCHEMES",
+    "EVALUATION_METRICS",
+    "HTTP_ENV_DEFAULTS",
+    "SearchLogger",
+    "Tracker",
+    "TrackingError",
+    "TrackingStore",
+    "check_tracking_uri",
+    "resolve_tracking_uri",
+]
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -55,17 +80,6 @@ MAX_PARAM_VALUE_LENGTH = 6000
 
 STATUSES = ("FINISHED", "KILLED", "FAILED")
 HISTORY_DIR = "history"
-# Logged once per evaluation (step = evaluation index); everything else in a run is a summary.
-EVALUATION_METRICS = (
-    "reward",
-    "accuracy",
-    "loss",
-    "flops_ratio",
-    "params_ratio",
-    "latency_ratio",
-    "best_accuracy",
-    "meets_budget",
-)
 CSV_COLUMNS = (
     "index",
     "accuracy",
@@ -80,88 +94,6 @@ CSV_COLUMNS = (
     "elapsed",
     "note",
 )
-# Set for the process when talking to an MLflow server, unless the user set them: MLflow's own
-# defaults (7 retries with exponential backoff, 120 s timeout) hang a search for minutes.
-HTTP_ENV_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-}
-DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
-
-
-class TrackingError(RuntimeError):
-    """A tracking store that cannot be used, or a run, experiment or artifact that is missing."""
-
-
-# ---------------------------------------------------------------------------------- URIs
-def resolve_tracking_uri(uri: str | None) -> str:
-    """The tracking URI to use; ``None``: ``$MLFLOW_TRACKING_URI``, else ``<cwd>/mlflow.db``.
-
-    The sqlite default is MLflow 3's own (its ``./mlruns`` file store raises unless
-    ``MLFLOW_ALLOW_FILE_STORE=true``). A bare path ending in ``.db`` becomes a sqlite URI.
-    """
-    if not uri:
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or str(Path.cwd() / "mlflow.db")
-    if "://" not in uri and uri.endswith(".db"):
-        return f"sqlite:///{Path(uri).expanduser().resolve()}"
-    return uri
-
-
-def check_tracking_uri(uri: str, timeout: float = 10.0) -> None:
-    """Fail fast, with one clear line, when ``uri`` cannot be a working tracking store.
-
-    http(s): ``GET <uri>/health`` must answer within ``timeout`` seconds (MLflow's client would
-    retry for minutes), and MLflow's HTTP retry/timeout settings are lowered for the process.
-    sqlite: the database's folder must exist. Other SQLAlchemy databases are passed through.
-    """
-    scheme = urlsplit(uri).scheme.lower()
-    if scheme in ("http", "https"):
-        for name, value in HTTP_ENV_DEFAULTS.items():
-            os.environ.setdefault(name, value)
-        _check_server(uri, timeout)
-    elif scheme.split("+")[0] == "sqlite":
-        folder = _sqlite_path(uri).parent
-        if not folder.is_dir():
-            raise TrackingError(
-                f"cannot create the MLflow database {uri}: folder {folder} does not exist"
-            )
-    elif scheme.split("+")[0] not in DATABASE_SCHEMES:
-        raise TrackingError(
-            f"unsupported tracking URI {uri!r}: use a path ending in .db, sqlite:///path.db, "
-            "an http(s):// MLflow server, or a postgresql/mysql/mssql database URI"
-        )
-
-
-def _check_server(uri: str, timeout: float) -> None:
-    """GET ``<uri>/health``; the timeout is split between connecting and reading."""
-    url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout / 2) as response:
-            response.read()
-    except urllib.error.HTTPError as exc:
-        raise TrackingError(
-            f"MLflow tracking server {uri} is not healthy: GET /health answered HTTP {exc.code}"
-        ) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise TrackingError(f"MLflow tracking server {uri} is unreachable: {reason}") from None
-
-
-def _sqlite_path(uri: str) -> Path:
-    """The database file of ``sqlite:///relative.db`` or ``sqlite:////absolute.db``."""
-    path = uri.split("://", 1)[1].removeprefix("/").split("?", 1)[0]
-    return Path(path or ":memory:").expanduser().resolve()
-
-
-def _require_database(uri: str) -> None:
-    """A sqlite store must exist to be read: querying a folder where nothing was recorded is an
-    error, not a new empty ``mlflow.db`` (and MLflow's table-creation lines on stderr)."""
-    if urlsplit(uri).scheme.split("+")[0] == "sqlite" and not _sqlite_path(uri).is_file():
-        raise TrackingError(
-            f"no MLflow database at {_sqlite_path(uri)}: nothing was recorded there "
-            "(run a search first, or pass --tracking-uri)"
-        )
 
 
 def _artifact_location(uri: str, experiment: str) -> str | None:
@@ -169,10 +101,10 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
 
     MLflow would put them in the current folder's ``./mlruns``, wherever the database is.
     """
-    if urlsplit(uri).scheme.split("+")[0] != "sqlite":
+    if not is_sqlite(uri):
         return None
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("_") or "experiment"
-    return (_sqlite_path(uri).parent / "mlartifacts" / slug).as_uri()
+    return (sqlite_path(uri).parent / "mlartifacts" / slug).as_uri()
 
 
 def _git_revision() -> str | None:
@@ -404,7 +336,7 @@ class TrackingStore:
         self.uri = resolve_tracking_uri(uri)
         check_tracking_uri(self.uri, timeout)
         if not self.creates:
-            _require_database(self.uri)
+            require_database(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
 
     @contextmanager
@@ -510,10 +442,7 @@ class TrackingStore:
         else:
             self.get_run(run_id)
             if not self._has_artifact(run_id, "best_policy.json"):
-                raise TrackingError(
-                    f"MLflow run {run_id} has no best_policy.json (the search did not finish, "
-                    "or found no policy within the budget)"
-                )
+                raise no_policy_file(run_id)
         with self._download(run_id, "best_policy.json") as path:
             return json.loads(path.read_text()), run_id
 
@@ -524,20 +453,16 @@ class TrackingStore:
             "metrics.best_search_accuracy >= 0",
         ]
         if searcher is not None:
-            if not re.fullmatch(r"[\w.-]+", searcher):
-                raise TrackingError(f"invalid searcher name {searcher!r}")
+            check_searcher_name(searcher)
             filters.append(f"tags.`autoprune.searcher` = '{searcher}'")
         runs = self._search(self._experiment_id(experiment), " and ".join(filters))
         # Rank by the best policy's own accuracy (evaluated like every other policy) when the run
         # has it: NetAdapt's search accuracy is measured after fine-tunes, not comparable.
-        runs.sort(key=_policy_accuracy, reverse=True)
+        runs.sort(key=lambda run: policy_rank(run.data.metrics), reverse=True)
         for run in runs:
             if self._has_artifact(run.info.run_id, "best_policy.json"):
                 return str(run.info.run_id)
-        which = f"searcher {searcher!r}" if searcher else "any searcher"
-        raise TrackingError(
-            f"experiment {experiment!r} has no finished search run of {which} with a best policy"
-        )
+        raise no_best_policy(experiment, searcher)
 
     def list_runs(self, experiment: str) -> list[dict[str, Any]]:
         """Every run of an experiment (parents and searches), oldest first."""
@@ -556,24 +481,10 @@ class TrackingStore:
 
     @staticmethod
     def _summary(run: Run) -> dict[str, Any]:
-        tags, metrics = run.data.tags, run.data.metrics
-        seed = tags.get("autoprune.seed")
-        evaluations = metrics.get("evaluations")
-        return {
-            "run_id": run.info.run_id,
-            "name": run.info.run_name,
-            "kind": tags.get("autoprune.kind"),
-            "searcher": tags.get("autoprune.searcher"),
-            "seed": None if seed is None else int(seed),
-            "status": run.info.status,
-            "start_time": datetime.fromtimestamp(run.info.start_time / 1000, tz=UTC).isoformat(
-                timespec="seconds"
-            ),
-            "best_search_accuracy": metrics.get("best_search_accuracy"),
-            "evaluations": None if evaluations is None else int(evaluations),
-            "parent_id": tags.get("mlflow.parentRunId"),
-            "metrics": {k: v for k, v in metrics.items() if k not in EVALUATION_METRICS},
-        }
+        return run_summary(
+            run.info.run_id, run.info.run_name, run.info.status, run.info.start_time,
+            dict(run.data.tags), dict(run.data.metrics),
+        )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ tracker
@@ -785,11 +696,6 @@ class Tracker(TrackingStore):
         """Store a matplotlib figure as the image artifact ``name`` (e.g. ``plot.png``)."""
         with self._errors(f"log {name} to run {run_id}"):
             self.client.log_figure(run_id, fig, name)
-
-
-def _policy_accuracy(run: Run) -> float:
-    metrics = run.data.metrics
-    return float(metrics.get("policy_accuracy", metrics.get("best_search_accuracy", -1.0)))
 
 
 def _check_status(status: str) -> None:

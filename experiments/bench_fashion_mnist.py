@@ -51,7 +51,7 @@ def _task(model: str, overrides: list[str] | None = None) -> Any:
                              *(overrides or [])], progress=True)  # fmt: skip
 
 
-def checkpoints(models: list[str], results: dict[str, Any]) -> None:
+def checkpoints(models: list[str], results: dict[str, Any], threads: int = 2) -> None:
     from autoprune.config import task_config
     from autoprune.training import default_checkpoint
 
@@ -60,7 +60,7 @@ def checkpoints(models: list[str], results: dict[str, Any]) -> None:
         if name in done:
             continue
         cfg = task_config(None, [f"model.name={name}", "data.name=fashion_mnist"])
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
         start = time.perf_counter()
         path = default_checkpoint(name, cfg.data, cfg.train, progress=True)
         meta = json.loads(torch.load(path, weights_only=True)["meta"])
@@ -166,11 +166,12 @@ def main() -> None:
     parser.add_argument("--models", default="resnet20")
     parser.add_argument("--policies", type=int, default=100)
     parser.add_argument("--budget", default="flops=0.5")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for training")
     args = parser.parse_args()
     results = _load()
     parts = args.parts.split(",")
     if "checkpoints" in parts:
-        checkpoints(args.models.split(","), results)
+        checkpoints(args.models.split(","), results, args.threads)
     if "fidelity" in parts:
         fidelity(args.policies, args.budget, results)
     if "searchers" in parts:

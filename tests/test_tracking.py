@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from autoprune.agents.base import Record, SearchResult
 from mlflow.entities import Metric
 
 from autoprune.policy import Policy
+from autoprune.runstore import SqliteRuns, Unsupported, run_reader
 from autoprune.tracking import (
     SearchLogger,
     Tracker,
@@ -246,15 +248,20 @@ def test_finish_writes_artifacts(tracker: Tracker, tmp_path: Path) -> None:
     assert read_artifact(tracker, parent, "cmp.csv", tmp_path).startswith("searcher,acc\n")
 
 
-def test_best_policy_picks_the_best_finished_run(tracker: Tracker) -> None:
+@pytest.mark.parametrize("reader", ["mlflow", "sqlite"])
+def test_best_policy_picks_the_best_finished_run(tracker: Tracker, reader: str) -> None:
     parent = tracker.start_parent("p", {})
     low, _, _ = run_search(tracker, parent, "random", shift=0.0)
     high, _, high_policy = run_search(tracker, parent, "ddpg", shift=0.02)
     killed = tracker.start_child(parent, "ddpg", 1, {})
     result = simulate(10, tracker.logger(killed), "ddpg", shift=0.05)
     tracker.finish(killed, result, policy_of(result), status="KILLED")
+    deleted, _, _ = run_search(tracker, parent, "ddpg", shift=0.09)  # best, but deleted
+    tracker.client.delete_run(deleted)
 
-    store = TrackingStore(tracker.uri)  # a fresh reader, as in another process
+    # A fresh reader, as in another process: MLflow's client, or the direct sqlite reader the
+    # CLI's `best` / `runs` use (the same answers, without importing MLflow).
+    store = TrackingStore(tracker.uri) if reader == "mlflow" else SqliteRuns(tracker.uri)
     assert store.best_policy("exp") == (high_policy.to_dict(), high)
     assert store.best_policy("exp", searcher="random")[1] == low
     assert store.best_policy(run_id=killed)[1] == killed  # explicit run: any status
@@ -262,13 +269,42 @@ def test_best_policy_picks_the_best_finished_run(tracker: Tracker) -> None:
         store.best_policy("nope")
     with pytest.raises(TrackingError, match="no finished search run of searcher 'netadapt'"):
         store.best_policy("exp", searcher="netadapt")
+    with pytest.raises(TrackingError, match="invalid searcher name"):
+        store.best_policy("exp", searcher="x' or 1=1 --")
     with pytest.raises(TrackingError, match="not found"):
         store.best_policy("exp", run_id="0" * 32)
     with pytest.raises(TrackingError, match=r"no best_policy\.json"):
         store.best_policy("exp", run_id=parent)
-    summary = {r["run_id"]: r for r in store.list_runs("exp")}
+    listed = store.list_runs("exp")
+    summary = {r["run_id"]: r for r in listed}
+    assert deleted not in summary
     assert summary[high]["evaluations"] == 20 and summary[killed]["status"] == "KILLED"
     assert summary[high]["metrics"]["test_accuracy"] == 0.9
+    assert listed == TrackingStore(tracker.uri).list_runs("exp")  # field for field, in order
+
+
+def test_run_reader_reads_sqlite_directly_and_falls_back(
+    tracker: Tracker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parent = tracker.start_parent("p", {})
+    child, _, policy = run_search(tracker, parent, "random")
+    fast = run_reader(tracker.uri)
+    assert fast.best_policy("exp") == (policy.to_dict(), child)
+    assert [r["run_id"] for r in fast.list_runs("exp")] == [parent, child]
+    with pytest.raises(TrackingError, match="no MLflow database"):
+        run_reader(f"sqlite:///{tmp_path}/elsewhere.db")
+    assert not (tmp_path / "elsewhere.db").exists()
+    # Artifacts somewhere the direct reader cannot open: it hands the question to MLflow.
+    db = sqlite3.connect(tmp_path / "mlflow.db")
+    with db:
+        db.execute("UPDATE runs SET artifact_uri = 's3://bucket/' || run_uuid")
+    db.close()
+    with pytest.raises(Unsupported):
+        SqliteRuns(tracker.uri).best_policy("exp")
+    asked = []
+    monkeypatch.setattr(TrackingStore, "best_policy", lambda self, *a: asked.append(a) or ({}, "x"))
+    assert run_reader(tracker.uri).best_policy("exp") == ({}, "x")
+    assert asked == [("exp", None, None)]
 
 
 def test_history_survives_a_killed_search(tracker: Tracker) -> None:
