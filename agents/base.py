@@ -101,6 +101,9 @@ class Searcher(ABC):
 
     name: ClassVar[str] = ""
     needs_evaluations: ClassVar[bool] = False  # True: an evaluation budget is required
+    # How many policies a searcher that cannot use an evaluation budget always evaluates (the
+    # others take ``evaluations`` as a budget, or as a limit where they stop early).
+    fixed_evaluations: ClassVar[int | None] = None
     channel_only: ClassVar[bool] = False  # True: refuses fine-grained and N:M tasks
 
     def __init__(

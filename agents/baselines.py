@@ -61,6 +61,7 @@ class UniformSearcher(Searcher):
     """
 
     name = "uniform"
+    fixed_evaluations = 1
 
     def _search(self) -> None:
         vec = self.project(np.zeros(len(self.task.space)))
@@ -248,6 +249,7 @@ class GlobalSearcher(Searcher):
 
     name = "global"
     channel_only = True
+    fixed_evaluations = 1
     defaults: ClassVar[dict[str, Any]] = {"bisection_steps": 14}
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:

@@ -231,7 +231,12 @@ def train(
 SearcherOpt = Annotated[str | None, typer.Option(help="Searcher (ddpg, netadapt, random, ...).")]
 BudgetOpt = Annotated[str | None, typer.Option(help="Budget, e.g. flops=0.25 or params=0.5.")]
 EvalsOpt = Annotated[
-    int | None, typer.Option(min=1, help="Episodes of ddpg / random (others: their own count).")
+    int | None,
+    typer.Option(
+        min=1,
+        help="Evaluations per search: the budget of ddpg / random (default 300), a limit for "
+        "netadapt / sensitivity; uniform and global evaluate one policy.",
+    ),
 ]
 WorkersOpt = Annotated[int | None, typer.Option(min=0, help="Ray workers (0: this process).")]
 AddressOpt = Annotated[
@@ -310,6 +315,9 @@ def _bar_hooks(bar: Progress, budgets: list[str] | None = None) -> Any:
                 f"task: {task.config.model.name} on {task.data.name}, {len(task.space)} "
                 f"{task.config.granularity} units, criterion {task.config.criterion}"
             )
+
+        def notice(self, text: str) -> None:
+            err.print(f"note: {text}", highlight=False)
 
         def search_started(self, searcher: str, seed: int, total: int | None, done: int) -> None:
             label = f"{searcher} seed {seed}" + (f" (resumed at {done})" if done else "")

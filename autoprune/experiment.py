@@ -24,6 +24,7 @@ This module is the top layer (like the CLI and the service): it imports the sear
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,13 +51,24 @@ JOURNAL_DIR = Path(".autoprune") / "journal"
 # ------------------------------------------------------------------ config
 
 
+log = logging.getLogger(__name__)
+
+DEFAULT_EVALUATIONS = 300  # ddpg / random when search.evaluations is not given
+
+
 class SearchConfig(_Strict):
     """What to search: searchers x seeds under one budget."""
 
     searchers: list[str] = Field(default_factory=lambda: ["ddpg"], min_length=1)
     budget: str = "flops=0.25"
     evaluations: int | None = Field(
-        default=300, ge=1, description="Episodes of ddpg / random (others: their own count)."
+        default=None,
+        ge=1,
+        description=(
+            "Evaluations per search: the budget of ddpg / random (default "
+            f"{DEFAULT_EVALUATIONS}), a limit for netadapt / sensitivity (default: none); "
+            "uniform and global evaluate one policy."
+        ),
     )
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     workers: int = Field(default=0, ge=0, description="Ray workers (0: in this process).")
@@ -211,6 +223,10 @@ class Hooks:
 
     def task_ready(self, task: Task) -> None: ...
 
+    def notice(self, text: str) -> None:
+        """Something the user asked for that does not apply (e.g. evaluations for uniform)."""
+        log.warning(text)
+
     def search_started(self, searcher: str, seed: int, total: int | None, done: int) -> None: ...
 
     def evaluation(self, record: Record, result: SearchResult) -> None: ...
@@ -260,10 +276,33 @@ def _searcher_options(cfg: SearchConfig, name: str) -> dict[str, Any]:
 
 
 def _evaluations_for(cfg: SearchConfig, name: str) -> int | None:
+    """The evaluation budget a searcher gets: its own option, else ``search.evaluations`` for
+    every searcher that can use one (a budget for ddpg / random, a limit for netadapt /
+    sensitivity), else the default budget of the searchers that need one."""
     options = cfg.options.get(name, {})
     if "evaluations" in options:
         return int(options["evaluations"])
-    return cfg.evaluations if get_searcher(name).needs_evaluations else None
+    searcher = get_searcher(name)
+    if searcher.fixed_evaluations is not None:
+        return None
+    if cfg.evaluations is not None:
+        return cfg.evaluations
+    return DEFAULT_EVALUATIONS if searcher.needs_evaluations else None
+
+
+def evaluation_notices(cfg: SearchConfig) -> list[str]:
+    """What ``search.evaluations`` does not change, said rather than silently ignored."""
+    if cfg.evaluations is None:
+        return []
+    out = []
+    for name in cfg.searchers:
+        fixed = get_searcher(name).fixed_evaluations
+        if fixed is not None and "evaluations" not in cfg.options.get(name, {}):
+            out.append(
+                f"{name} evaluates {fixed} polic{'y' if fixed == 1 else 'ies'}: "
+                f"evaluations={cfg.evaluations} does not apply to it"
+            )
+    return out
 
 
 def test_metrics(task: Task, ratios: dict[str, float], finetune_epochs: int) -> dict[str, float]:
@@ -309,6 +348,8 @@ def run_experiment(
             task, budget, 0, _evaluations_for(search, name), None, None, None,
             **_searcher_options(search, name),
         )  # fmt: skip
+    for text in evaluation_notices(search):
+        hooks.notice(text)
     hooks.task_ready(task)
     config_dict = cfg.model_dump(mode="json")
     tags = _tags(cfg, str(budget))

@@ -47,6 +47,7 @@ from autoprune.config import ConfigError
 from autoprune.experiment import (
     ExperimentConfig,
     Hooks,
+    _evaluations_for,
     experiment_config,
     run_experiment,
     seeds_for,
@@ -190,12 +191,12 @@ def requested(cfg: ExperimentConfig) -> int | None:
     total = 0
     for name in cfg.search.searchers:
         options = cfg.search.options.get(name, {})
-        if "evaluations" in options:
-            n = int(options["evaluations"])
-        elif get_searcher(name).needs_evaluations and cfg.search.evaluations is not None:
-            n = cfg.search.evaluations
-        elif name in ("uniform", "global"):
-            n = 1
+        fixed = get_searcher(name).fixed_evaluations
+        limit = _evaluations_for(cfg.search, name)
+        if fixed is not None and "evaluations" not in options:
+            n = fixed
+        elif limit is not None:
+            n = limit
         else:
             return None
         total += n * len(seeds_for(cfg.search, name))

@@ -169,3 +169,32 @@ def test_netadapt_out_of_evaluations_projects(default_task: Task, runs) -> None:
     result, _ = _run(runs, default_task, "netadapt")
     assert result.history[-1].note == "final (evaluation budget exhausted)"
     assert result.history[0].note.startswith("iteration 1 unit ")
+
+
+def test_every_searcher_gets_the_evaluations_it_can_use() -> None:
+    """``search.evaluations`` is a budget for ddpg / random, a limit for netadapt / sensitivity;
+    uniform and global cannot use one and the launch says so instead of ignoring it."""
+    from autoprune.experiment import DEFAULT_EVALUATIONS, SearchConfig, _evaluations_for
+    from autoprune.experiment import evaluation_notices as notices
+
+    names = ["ddpg", "random", "netadapt", "sensitivity", "uniform", "global"]
+    unset = SearchConfig(searchers=names)
+    assert {n: _evaluations_for(unset, n) for n in names} == {
+        "ddpg": DEFAULT_EVALUATIONS, "random": DEFAULT_EVALUATIONS, "netadapt": None,
+        "sensitivity": None, "uniform": None, "global": None,
+    }  # fmt: skip
+    assert notices(unset) == []
+    given = SearchConfig(
+        searchers=names, evaluations=12, options={"random": {"evaluations": 5}, "global": {}}
+    )
+    assert {n: _evaluations_for(given, n) for n in names} == {
+        "ddpg": 12, "random": 5, "netadapt": 12, "sensitivity": 12, "uniform": None,
+        "global": None,
+    }  # fmt: skip
+    assert notices(given) == [
+        "uniform evaluates 1 policy: evaluations=12 does not apply to it",
+        "global evaluates 1 policy: evaluations=12 does not apply to it",
+    ]
+    # A recorded config (resume) keeps "not given" as it was: netadapt stays unlimited.
+    again = SearchConfig.model_validate(unset.model_dump(mode="json"))
+    assert _evaluations_for(again, "netadapt") is None
