@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/autoprune compare experiments/compare.yaml
+	$(VENV)/bin/autoprune compare experiments/compare.yaml --apply pruned_model.pt --apply-epochs 2
 
 test: $(STAMP)
 	$(PY) -m pytest -q -x --durations=15

@@ -178,25 +178,64 @@ def apply(
 
     Example: autoprune apply --policy best.json --finetune-epochs 3 --steps 2 --out pruned.pt
     """
-    from autoprune.apply import apply_policy, save_pruned
     from autoprune.policy import Policy
 
     pol = Policy.load(policy)
     task = _task(config, overrides)
     pol.check(task)
+    _apply_and_report(task, pol, out, finetune_epochs, steps, lr, policy_path=policy)
+
+
+def _number(value: float) -> str:
+    """A count the way people read it: 2.533 M, 632.7 k, 950."""
+    for scale, suffix in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.4g}{suffix}"
+    return f"{value:.0f}"
+
+
+def _apply_and_report(
+    task: Any,
+    policy: Any,
+    out: Path,
+    finetune_epochs: int,
+    steps: int = 1,
+    lr: float = 0.01,
+    policy_path: Path | None = None,
+) -> None:
+    """Prune, fine-tune, save; print dense vs pruned (before / after fine-tuning) on the test
+    split: accuracy, MACs, params, measured latency; then where the model and policy are."""
+    from autoprune.apply import apply_policy, save_pruned
+
     result = apply_policy(
-        task, pol, finetune_epochs=finetune_epochs, steps=steps, lr=lr, progress=console.print
+        task, policy, finetune_epochs=finetune_epochs, steps=steps, lr=lr, progress=console.print
     )
-    table = Table(title="test split, before and after")
+    tuned = f"pruned, {finetune_epochs} fine-tune epoch(s)" + (f" x {steps}" if steps > 1 else "")
+    table = Table(title=f"the product: dense vs pruned ({task.config.model.name} on "
+                        f"{task.data.name}, test split)")  # fmt: skip
     table.add_column("metric")
     table.add_column("dense", justify="right")
-    table.add_column("pruned", justify="right")
-    for key in result.before:
-        table.add_row(key, f"{result.before[key]:,.4g}", f"{result.after[key]:,.4g}")
+    table.add_column("pruned, no fine-tune", justify="right")
+    table.add_column(tuned, justify="right")
+    table.add_column("pruned / dense", justify="right")
+    names = {"test_accuracy": "test accuracy", "test_loss": "test loss", "macs": "MACs",
+             "params": "params", "latency_ms": "latency (ms, batch 1, 1 thread)"}  # fmt: skip
+    for key, label in names.items():
+        if key not in result.before:
+            continue
+        dense, after = result.before[key], result.after[key]
+        first = result.pruned_no_finetune.get(key)
+        ratio = f"{after / dense:.3f}" if key in ("macs", "params", "latency_ms") else "-"
+        digits = 2 if key == "latency_ms" else 4
+        cell = _number if key in ("macs", "params") else (lambda v, d=digits: f"{v:.{d}f}")
+        table.add_row(label, cell(dense), "-" if first is None else cell(first), cell(after),
+                      ratio)  # fmt: skip
     console.print(table)
     if task.config.granularity != "channel":
         console.print("MACs and params of masked models count only non-zero weights.")
-    console.print(f"pruned model: {save_pruned(out, task, result.model, pol)}")
+    console.print(f"pruned model: {save_pruned(out, task, result.model, policy)}")
+    if policy_path is not None:
+        console.print(f"policy: {policy_path}")
 
 
 @app.command()
@@ -249,6 +288,14 @@ ExperimentOpt = Annotated[str | None, typer.Option(help="MLflow experiment name.
 SeedOpt = Annotated[int | None, typer.Option(help="Seed (one search per seed with --seeds).")]
 SeedsOpt = Annotated[str | None, typer.Option(help="Comma-separated seeds, e.g. 0,1,2.")]
 OutOpt = Annotated[Path, typer.Option(help="Where to save the best policy (JSON).")]
+ApplyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--apply",
+        help="Then prune with the best policy, fine-tune (--apply-epochs) and save the model here.",
+    ),
+]
+ApplyEpochsOpt = Annotated[int, typer.Option(min=0, help="Fine-tune epochs for --apply.")]
 
 
 def _experiment_cfg(
@@ -359,8 +406,8 @@ def _comparison_table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title)
     columns = [
         ("searcher", "searcher"), ("seed", "seed"), ("status", "status"),
-        ("best search acc", "best_search_accuracy"), ("policy acc", "policy_accuracy"),
-        ("test acc", "test_accuracy"), ("test acc (FT)", "test_accuracy_finetuned"),
+        ("search acc", "best_search_accuracy"), ("policy acc, no FT", "policy_accuracy"),
+        ("test acc, no FT", "test_accuracy"), ("test acc, FT", "test_accuracy_finetuned"),
         ("FLOPs", "flops_ratio"), ("params", "params_ratio"), ("evals", "evaluations"),
         ("seconds", "seconds"),
     ]  # fmt: skip
@@ -370,9 +417,10 @@ def _comparison_table(rows: list[dict[str, Any]], title: str) -> Table:
     for r in rows:
         table.add_row(*(_cell(r.get(k), k) for _, k in shown))
     caption = (
-        "policy acc: the best policy judged like any policy (search split, adaptive BN, no "
-        "fine-tune; NetAdapt's search accuracy includes its fine-tunes); test acc: held-out test "
-        "split, adaptive BN only"
+        "no FT: before any fine-tuning (pruned from the dense weights, adaptive BN only), which "
+        "is how searches rank policies; FT: after fine-tuning. search acc: the searcher's own "
+        "best on the search split (NetAdapt's includes its fine-tunes); policy acc: that policy "
+        "judged like any other; test acc: the held-out test split"
     )
     table.caption = caption
     return table
@@ -390,8 +438,9 @@ def _cell(value: Any, key: str = "") -> str:
     return str(value)
 
 
-def _report(result: Any, out: Path) -> None:
-    """Best per-unit ratios, where they are saved, the MLflow run, how to look at it."""
+def _report(result: Any, out: Path, apply_to: Path | None = None, apply_epochs: int = 1) -> None:
+    """Best per-unit ratios, where they are saved, the MLflow run, how to look at it; with
+    ``apply_to``, the pruned, fine-tuned model and how it compares with the dense one."""
     best = result.best()
     ratios = best.policy.ratios
     table = Table(title=f"best per-unit ratios: {best.searcher} seed {best.seed}")
@@ -407,6 +456,9 @@ def _report(result: Any, out: Path) -> None:
         console.print(f"see the runs: mlflow ui --backend-store-uri {uri}")
     else:
         console.print(f"see the runs: {uri}")
+    if apply_to is not None:
+        console.print(f"applying the best policy ({best.searcher} seed {best.seed}) ...")
+        _apply_and_report(result.task, best.policy, apply_to, apply_epochs, policy_path=out)
 
 
 @app.command()
@@ -426,6 +478,8 @@ def search(
         str | None, typer.Option(help="Continue an interrupted search (its MLflow run id).")
     ] = None,
     out: OutOpt = Path("best_policy.json"),
+    apply_to: ApplyOpt = None,
+    apply_epochs: ApplyEpochsOpt = 1,
 ) -> None:
     """Search per-layer pruning ratios under a budget; record everything in MLflow.
 
@@ -433,6 +487,7 @@ def search(
       autoprune search --searcher ddpg --budget flops=0.25 --evaluations 300
       autoprune search experiments/default.yaml --workers 2 --seeds 0,1,2
       autoprune search --resume 3f2a... --evaluations 400
+      autoprune search --searcher random --apply pruned.pt --apply-epochs 2
     """
     if resume is not None:
         cfg = _experiment_cfg(None, None, tracking_uri=tracking_uri)
@@ -445,7 +500,7 @@ def search(
         result = _run(cfg)
     if len(result.outcomes) > 1:
         console.print(_comparison_table(result.rows(), "searches"))
-    _report(result, out)
+    _report(result, out, apply_to, apply_epochs)
 
 
 @app.command()
@@ -466,6 +521,8 @@ def compare(
         bool, typer.Option(help="Compare the runs already recorded in --experiment; run nothing.")
     ] = False,
     out: OutOpt = Path("best_policy.json"),
+    apply_to: ApplyOpt = None,
+    apply_epochs: ApplyEpochsOpt = 1,
 ) -> None:
     """Run several searchers on the same task and budget and compare them (or, with
     --recorded, compare the runs already in an MLflow experiment).
@@ -474,6 +531,7 @@ def compare(
       autoprune compare experiments/compare.yaml
       autoprune compare --searchers ddpg,netadapt,uniform,random --budget flops=0.5
       autoprune compare --recorded --experiment autoprune
+      autoprune compare experiments/compare.yaml --apply pruned.pt --apply-epochs 2
     """
     if recorded:
         from autoprune.runstore import recorded_comparison
@@ -491,7 +549,7 @@ def compare(
     )  # fmt: skip
     result = _run(cfg)
     console.print(_comparison_table(result.rows(), f"comparison at {cfg.search.budget}"))
-    _report(result, out)
+    _report(result, out, apply_to, apply_epochs)
 
 
 @app.command()

@@ -199,6 +199,7 @@ class ExperimentResult:
     experiment: str
     tracking_uri: str
     outcomes: list[Outcome]
+    task: Task | None = field(default=None, repr=False, compare=False)  # what was searched
 
     def best(self) -> Outcome:
         done = [o for o in self.outcomes if o.policy is not None]
@@ -387,7 +388,7 @@ def run_experiment(
         raise
     finally:
         backend.close()
-    result = ExperimentResult(parent, cfg.tracking.experiment, tracker.uri, outcomes)
+    result = ExperimentResult(parent, cfg.tracking.experiment, tracker.uri, outcomes, task)
     _log_comparison(tracker, result)
     tracker.mark(parent, "FINISHED")
     return result

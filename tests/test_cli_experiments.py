@@ -203,6 +203,34 @@ def test_best_returns_what_search_saved(searched: dict[str, Any]) -> None:
     assert len(journal_rows(folder, searched["child"])) == 60
 
 
+def count(cell: str) -> float:
+    """``2.533 M`` -> 2533000.0 (the CLI prints counts with 4 significant digits)."""
+    number, _, suffix = cell.partition(" ")
+    return float(number) * {"": 1.0, "k": 1e3, "M": 1e6, "G": 1e9}[suffix]
+
+
+def check_product(stdout: str, path: Path, policy: dict[str, Any], default_task: Any) -> None:
+    """The dense-vs-pruned table agrees with the saved model, measured independently."""
+    printed = table_rows(stdout)
+    assert "MACs" in printed and "test accuracy" in printed, stdout
+    dense_macs, first_macs, pruned_macs, ratio = printed["MACs"]
+    model, saved = load_pruned(path)
+    assert saved.ratios == policy["ratios"]
+    measured = measure_macs(model, (1, 8, 8))
+    dense_measured = measure_macs(default_task.model, (1, 8, 8))
+    assert measured == pytest.approx(count(pruned_macs), rel=1e-3) == count(first_macs)
+    assert dense_measured == pytest.approx(count(dense_macs), rel=1e-3)
+    assert float(ratio) == pytest.approx(measured / dense_measured, abs=1e-3)
+    # The search's analytic FLOPs ratio is the measured one (convolutions and the classifier).
+    reported = policy["metrics"]["flops_ratio"] * dense_measured
+    assert measured == pytest.approx(reported, rel=1e-6)
+    data = default_task.data
+    accuracy, _ = evaluate_accuracy(model, data.x_test, data.y_test)
+    assert accuracy == pytest.approx(float(printed["test accuracy"][2]), abs=1e-4)
+    dense_accuracy, _ = evaluate_accuracy(default_task.model, data.x_test, data.y_test)
+    assert dense_accuracy == pytest.approx(float(printed["test accuracy"][0]), abs=1e-4)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_apply_writes_a_model_with_the_reported_macs(
@@ -210,33 +238,21 @@ def test_apply_writes_a_model_with_the_reported_macs(
 ) -> None:
     folder = searched["folder"]
     stdout = ok(cli("apply", "--policy", "best.json", "--out", "pruned.pt", cwd=folder))
-    printed = table_rows(stdout)
-    assert "macs" in printed and "test_accuracy" in printed, stdout
-    dense_macs, pruned_macs = (float(v.replace(",", "")) for v in printed["macs"])
-    model, policy = load_pruned(folder / "pruned.pt")
-    assert policy.ratios == searched["policy"]["ratios"]
-    measured = measure_macs(model, (1, 8, 8))
-    dense_measured = measure_macs(default_task.model, (1, 8, 8))
-    assert measured == pytest.approx(pruned_macs, rel=1e-3)  # printed with 4 digits
-    assert dense_measured == pytest.approx(dense_macs, rel=1e-3)
-    # The search's analytic FLOPs ratio is the measured one (convolutions and the classifier).
-    reported = searched["policy"]["metrics"]["flops_ratio"] * dense_measured
-    assert measured == pytest.approx(reported, rel=1e-6)
-    data = default_task.data
-    accuracy, _ = evaluate_accuracy(model, data.x_test, data.y_test)
-    assert accuracy == pytest.approx(float(printed["test_accuracy"][1]), abs=1e-4)
+    check_product(stdout, folder / "pruned.pt", searched["policy"], default_task)
 
 
 # ------------------------------------------------------------------------------ compare
 @pytest.mark.slow
 @pytest.mark.timeout(150)
-def test_compare_records_one_child_per_searcher(tmp_path: Path) -> None:
+def test_compare_records_one_child_per_searcher(tmp_path: Path, default_task: Any) -> None:
     args = (
         "compare", "--searchers", "random,uniform,sensitivity", "--budget", "flops=0.5",
-        "--evaluations", "12", "--experiment", "C", "search.options.sensitivity.grid=[0.5]",
-        "threads=1",
+        "--evaluations", "14", "--experiment", "C", "search.options.sensitivity.grid=[0.5]",
+        "threads=1", "--apply", "product.pt", "--apply-epochs", "1",
     )  # fmt: skip
-    stdout = ok(cli(*args, cwd=tmp_path))
+    run = cli(*args, cwd=tmp_path)
+    stdout = ok(run)
+    assert "note: uniform evaluates 1 policy: evaluations=14 does not apply to it" in run.stderr
     parent = parent_of(stdout)
     store = store_of(tmp_path)
     children = store.child_runs(parent)
@@ -244,7 +260,10 @@ def test_compare_records_one_child_per_searcher(tmp_path: Path) -> None:
     assert {c["status"] for c in children} == {"FINISHED"}
     assert {c["parent_id"] for c in children} == {parent}
     # random: --evaluations; uniform: one; sensitivity: dense + 12 units x 1 ratio + final.
-    assert [c["evaluations"] for c in children] == [12, 1, 14]
+    assert [c["evaluations"] for c in children] == [14, 1, 14]
+    # The product: the best policy applied, fine-tuned and saved; the table agrees with it.
+    best = json.loads((tmp_path / "best_policy.json").read_text())
+    check_product(stdout, tmp_path / "product.pt", best, default_task)
     listed = store.list_runs("C")
     assert sorted(r["run_id"] for r in listed if r["kind"] == "search") == sorted(
         c["run_id"] for c in children
