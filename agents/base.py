@@ -43,6 +43,7 @@ class Record:
     cached: bool = False
     reward: float | None = None
     note: str = ""  # searcher-specific: "warm-up", "iteration 3", ...
+    partial: bool = False  # rejected early: accuracy / loss estimated on a first slice only
 
     def costs(self) -> dict[str, float]:
         out = {"flops": self.flops_ratio, "params": self.params_ratio}
@@ -80,7 +81,7 @@ class SearchResult:
         """Best search accuracy after each evaluation (within budget only)."""
         out, best = [], float("nan")
         for r in self.history:
-            if r.meets_budget and not best >= r.accuracy:
+            if r.meets_budget and not r.partial and not best >= r.accuracy:
                 best = r.accuracy
             out.append(best)
         return out
@@ -89,7 +90,8 @@ class SearchResult:
         best = self.best
         if best is None:
             raise SearchError("the search found no policy within the budget")
-        metrics = {k: v for k, v in best.to_dict().items() if k not in ("ratios", "note")}
+        skip = ("ratios", "note", "partial")  # the best is never partial
+        metrics = {k: v for k, v in best.to_dict().items() if k not in skip}
         return Policy.from_task(task, best.ratios, metrics, self.budget, self.searcher)
 
 
@@ -195,10 +197,13 @@ class Searcher(ABC):
             cached=evaluation.cached,
             reward=reward,
             note=note,
+            partial=evaluation.partial,
         )
         self.result.history.append(rec)
         best = self.result.best
-        if rec.meets_budget and (best is None or rec.accuracy > best.accuracy):
+        # Only a fully evaluated policy can be the best (a partial one is an estimate, rejected
+        # for being below the best already).
+        if rec.meets_budget and not rec.partial and (best is None or rec.accuracy > best.accuracy):
             self.result.best = rec
         if self.callback is not None:
             self.callback(rec, self.result)
@@ -207,6 +212,12 @@ class Searcher(ABC):
     def evaluate(self, vec: np.ndarray, note: str = "") -> Record:
         """Evaluate a ratio vector (already within budget) and record it."""
         return self.evaluate_many([vec], [note])[0]
+
+    @property
+    def reject_below(self) -> float | None:
+        """The threshold for early rejection: the best accuracy within budget so far (searchers
+        that only need to know which policies beat it pass it to the backend)."""
+        return None if self.result.best is None else self.result.best.accuracy
 
     def evaluate_many(self, vecs: list[np.ndarray], notes: list[str]) -> list[Record]:
         """Evaluate ratio vectors on the backend (in parallel with Ray) and record them in

@@ -72,6 +72,9 @@ class UniformSearcher(Searcher):
 # ---------------------------------------------------------------- random
 
 
+RANDOM_BATCH = 8  # policies drawn (and, with Ray, evaluated) together
+
+
 @register
 class RandomSearcher(Searcher):
     """Random search in the RL agent's environment: uniform random actions in [-1, 1].
@@ -89,13 +92,15 @@ class RandomSearcher(Searcher):
         env = PruningEnv(self.task, self.budget, evaluator=self.evaluator)
         assert self.evaluations is not None  # needs_evaluations: checked by the base class
         units = len(self.task.space)
-        batch = 2 * self.backend.workers or 1  # keep every worker busy; serial: one at a time
+        # Batches keep every Ray worker busy; the same size in this process, so that early
+        # rejection (against the best before each batch) rejects the same policies either way.
+        batch = max(RANDOM_BATCH, 2 * self.backend.workers)
         done = 0
         while done < self.evaluations:
             size = min(batch, self.evaluations - done)
             # One action per unit from the seeded generator: the policies depend on the seed only.
             vecs = [env.rollout(self.rng.uniform(-1.0, 1.0, size=units)) for _ in range(size)]
-            for evaluation in self.backend.map(vecs):
+            for evaluation in self.backend.map(vecs, self.reject_below):
                 done += 1
                 reward = float(env.reward_fn(evaluation))
                 self.record(evaluation, reward=reward, note=f"episode {done}")

@@ -316,6 +316,9 @@ class DDPGSearcher(Searcher):
         evaluation = Evaluation(**info["evaluation"])
         reward = float(self.env.reward_fn(evaluation))
         self.record(evaluation, reward=reward, note="warm-up" if warmup else "")
+        # The next episode's policy may be rejected early against the best so far (the local
+        # environment only; Ray sub-environments evaluate every policy in full).
+        self.env.reject_below = self.reject_below
 
     def _vec_env(self) -> VecEnv:
         """One environment here, or one per Ray worker (each in its own actor, holding the

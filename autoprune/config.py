@@ -163,6 +163,29 @@ class EvalConfig(_Strict):
         description="Score policies on this many images of the search split (a fixed, seeded "
         "sample); None = all of it.",
     )
+    reject: bool = Field(
+        default=True,
+        description="Early rejection: a searcher that passes its best accuracy so far gets, "
+        "for a policy that provably cannot reach it, a partial estimate from a first slice of "
+        "the search split (flagged partial, never the best) instead of a full evaluation.",
+    )
+    reject_stages: list[float] = Field(
+        default_factory=lambda: [0.2, 0.5],
+        description="Fractions of the search split after which a policy may be rejected.",
+    )
+    reject_z: float = Field(
+        default=3.0, gt=0, description="Confidence of the rejection bound (Wilson, z)."
+    )
+    reject_min_images: int = Field(
+        default=1000, ge=1, description="No rejection on a search split smaller than this."
+    )
+
+    @field_validator("reject_stages")
+    @classmethod
+    def _stages(cls, stages: list[float]) -> list[float]:
+        if any(not 0 < f < 1 for f in stages):
+            raise ValueError(f"reject_stages must be fractions in (0, 1), got {stages}")
+        return sorted(set(stages))
 
 
 class TaskConfig(_Strict):

@@ -12,17 +12,19 @@ passes), and repeated policies (the same channel / weight counts) are answered f
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from autoprune.data import Split
 from autoprune.task import Task
-from autoprune.training import evaluate_split, recalibrate_bn
+from autoprune.training import evaluate_split, recalibrate_bn, staged_accuracy
 
 
 @dataclass
@@ -40,6 +42,12 @@ class Evaluation:
     latency_ms: float | None = None  # measured on the pruned copy, when asked for
     seconds: dict[str, float] = field(default_factory=dict)
     cached: bool = False
+    # Early rejection: scored on a first slice only (``images`` of the search split) because
+    # even ``upper``, a high-confidence bound on its full-split accuracy, is below the best so
+    # far. ``accuracy`` / ``loss`` are then the slice's estimate; never a search's best.
+    partial: bool = False
+    images: int | None = None
+    upper: float | None = None
 
     @classmethod
     def of(
@@ -92,6 +100,19 @@ class EvaluationMemo:
     def __contains__(self, key: Key) -> bool:
         return key in self._recorded or key in self._lru
 
+    def answers(self, key: Key, reject_below: float | None) -> bool:
+        """Whether what is stored answers a request: a recorded evaluation (a resumed search
+        replays its own requests) or a full one always; a partial one while its bound stays
+        below the request's threshold."""
+        if key in self._recorded:
+            return True
+        e = self._lru.get(key)
+        if e is None:
+            return False
+        return not e.partial or (
+            reject_below is not None and e.upper is not None and e.upper < reject_below
+        )
+
     def get(self, key: Key) -> Evaluation | None:
         if key in self._recorded:
             return _copy(self._recorded[key], cached=self._recorded[key].cached)
@@ -132,6 +153,7 @@ class Evaluator:
         self._bn_images = x_bn.to(task.device)
         # in memory: the search images live on the task's device once; a stream is read per call
         self._search = task.search_split.map(lambda t: t.to(task.device))
+        self._shuffled = self._rejection_order()
         self.memo = EvaluationMemo(cfg.cache_size)
         self.calls = 0
         if predict_latency:
@@ -140,16 +162,48 @@ class Evaluator:
     def _key(self, vec: np.ndarray) -> tuple[int, ...]:
         return tuple(int(c) for c in self.task.space.removed_counts(vec))
 
-    def evaluate(self, ratios: Mapping[str, float] | Sequence[float] | np.ndarray) -> Evaluation:
-        """Prune a copy, recalibrate BN, measure accuracy and loss on the search split, costs."""
+    @property
+    def rejects(self) -> bool:
+        """Whether a threshold passed to :meth:`evaluate` can stop an evaluation early: on by
+        default (``eval.reject``) for top-1 accuracy on an in-memory search split of at least
+        ``eval.reject_min_images`` images."""
+        return self._shuffled is not None
+
+    def _rejection_order(self) -> Split | None:
+        """The search split in a fixed, seeded random order (once): a first slice of it is a
+        random sample, whatever order the split came in (e.g. sorted by class)."""
+        cfg = self.task.config.eval
+        split = self._search
+        if not cfg.reject or self.task.metric is not None or not split.in_memory:
+            return None
+        if len(split) < cfg.reject_min_images:
+            return None
+        assert split.x is not None and split.y is not None
+        generator = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(len(split), generator=generator).to(split.x.device)
+        return Split(split.x[order], split.y[order])
+
+    def evaluate(
+        self,
+        ratios: Mapping[str, float] | Sequence[float] | np.ndarray,
+        reject_below: float | None = None,
+    ) -> Evaluation:
+        """Prune a copy, recalibrate BN, measure accuracy and loss on the search split, costs.
+
+        ``reject_below`` (a searcher's best accuracy so far): when the evaluator :attr:`rejects`,
+        a policy whose accuracy on a first slice of the split bounds its full-split accuracy
+        below this value with high confidence is not scored further; the result is flagged
+        ``partial`` with the slice's estimate.
+        """
         self.calls += 1
         vec = self.task.ratio_vector(ratios)
         key = self._key(vec)
-        hit = self.memo.get(key)
-        if hit is not None:
+        if self.memo.answers(key, reject_below):
+            hit = self.memo.get(key)
+            assert hit is not None
             return hit
-        result = self._evaluate(vec)
-        self.memo.put(key, result)
+        result = self._evaluate(vec, reject_below if self.rejects else None)
+        self.memo.put(key, result)  # a full evaluation replaces a partial one
         return result
 
     def preload(self, evaluations: Iterable[Evaluation]) -> None:
@@ -158,16 +212,33 @@ class Evaluator:
         for e in evaluations:
             self.memo.record(self._key(self.task.ratio_vector(e.ratios)), e)
 
-    def _evaluate(self, vec: np.ndarray) -> Evaluation:
+    def _evaluate(self, vec: np.ndarray, reject_below: float | None = None) -> Evaluation:
         cfg = self.task.config.eval
         t0 = time.perf_counter()
         model = self.task.prune(vec, light=True)
         t1 = time.perf_counter()
         recalibrate_bn(model, self._bn_images, cfg.bn_batches, cfg.bn_batch_size, seed=self.seed)
         t2 = time.perf_counter()
-        acc, loss = evaluate_split(model, self._search, cfg.batch_size, self.task.metric)
+        seen, upper = None, None
+        if reject_below is None or self._shuffled is None:
+            acc, loss = evaluate_split(model, self._search, cfg.batch_size, self.task.metric)
+        else:
+            total = len(self._shuffled)
+            checks = [int(f * total) for f in cfg.reject_stages]
+            bound = _FullSplitBound(total, cfg.reject_z)
+
+            def stop(correct: int, n: int) -> bool:
+                return bound(correct, n) < reject_below
+
+            acc, loss, seen = staged_accuracy(
+                model, _segments(self._shuffled, checks, cfg.batch_size), checks, stop
+            )
+            if seen < total:
+                upper = bound(round(acc * seen), seen)
         t3 = time.perf_counter()
         result = Evaluation.of(self.task, vec, acc, loss)
+        if seen is not None and seen < len(self._search):
+            result.partial, result.images, result.upper = True, seen, upper
         if self.predict_latency:
             result.latency_ratio = self.task.cost_ratios(vec, ("latency",))["latency"]
         if self.measure_latency:
@@ -189,6 +260,42 @@ class Evaluator:
     def dense(self) -> Evaluation:
         """Metrics of the unpruned model (all ratios 0), recalibrated like every policy."""
         return self.evaluate(np.zeros(len(self.task.space)))
+
+
+def _segments(split: Split, checks: Sequence[int], batch_size: int) -> Iterator[tuple[Any, Any]]:
+    """Batches of an in-memory split that end exactly at every check (image count)."""
+    assert split.x is not None and split.y is not None
+    edges = [0, *(c for c in checks if 0 < c < len(split)), len(split)]
+    for start, end in itertools.pairwise(edges):
+        for lo in range(start, end, batch_size):
+            hi = min(lo + batch_size, end)
+            yield split.x[lo:hi], split.y[lo:hi]
+
+
+class _FullSplitBound:
+    """An upper bound on full-split accuracy after ``n`` of ``total`` images, ``correct`` right:
+    the slice's own ``correct`` plus the rest at the slice's Wilson upper bound (confidence z,
+    widened for the rest's own sampling noise).
+
+    Why Wilson: near 0 or 1 accuracy (a wrecked or a near-dense policy) the normal
+    approximation's interval collapses to a point, Wilson's does not.
+    """
+
+    def __init__(self, total: int, z: float) -> None:
+        self.total, self.z = total, z
+
+    def __call__(self, correct: int, n: int) -> float:
+        if n >= self.total:
+            return correct / n
+        # The rest is itself a sample: slice and rest differ by noise of both, variance
+        # p(1-p)(1/n + 1/rest); widen the slice's interval by that much.
+        z = self.z * float(np.sqrt(1 + n / (self.total - n)))
+        z2 = z * z
+        p = correct / n
+        centre = p + z2 / (2 * n)
+        spread = z * float(np.sqrt(p * (1 - p) / n + z2 / (4 * n * n)))
+        upper = min(1.0, (centre + spread) / (1 + z2 / n))
+        return (correct + (self.total - n) * upper) / self.total
 
 
 def _copy(e: Evaluation, cached: bool) -> Evaluation:

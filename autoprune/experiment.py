@@ -253,6 +253,7 @@ def _evaluation(task: Task, row: dict[str, Any]) -> Evaluation:
         {"total": float(row.get("eval_seconds") or 0.0)}, row.get("latency_ratio"),
     )  # fmt: skip
     e.cached = bool(row.get("cached", False))
+    e.partial = bool(row.get("partial", False))
     return e
 
 

@@ -127,8 +127,11 @@ class Backend(ABC):
         self.predict_latency = predict_latency
 
     @abstractmethod
-    def map(self, vecs: Sequence[np.ndarray]) -> list[Evaluation]:
-        """Evaluate ratio vectors; results in the same order."""
+    def map(
+        self, vecs: Sequence[np.ndarray], reject_below: float | None = None
+    ) -> list[Evaluation]:
+        """Evaluate ratio vectors; results in the same order. ``reject_below``: the caller's
+        best accuracy so far, for early rejection (:meth:`Evaluator.evaluate`)."""
 
     @abstractmethod
     def run(self, fn: WorkerFn, jobs: Sequence[Job], describe: Callable[[Job], str]) -> list[Any]:
@@ -166,8 +169,10 @@ class SerialBackend(Backend):
         super().__init__(task, latency, predict_latency)
         self.evaluator = evaluator or Evaluator(task, latency, predict_latency)
 
-    def map(self, vecs: Sequence[np.ndarray]) -> list[Evaluation]:
-        return [self.evaluator.evaluate(v) for v in vecs]
+    def map(
+        self, vecs: Sequence[np.ndarray], reject_below: float | None = None
+    ) -> list[Evaluation]:
+        return [self.evaluator.evaluate(v, reject_below) for v in vecs]
 
     def preload(self, evaluations: Sequence[Evaluation]) -> None:
         self.evaluator.preload(evaluations)
@@ -195,8 +200,8 @@ class _Actor:
     def pid(self) -> int:
         return os.getpid()
 
-    def evaluate(self, vec: np.ndarray) -> Evaluation:
-        return self.evaluator.evaluate(vec)
+    def evaluate(self, vec: np.ndarray, reject_below: float | None = None) -> Evaluation:
+        return self.evaluator.evaluate(vec, reject_below)
 
     def call(self, fn: WorkerFn, *job: Any) -> Any:
         return fn(self.task, *job)
@@ -298,17 +303,19 @@ class RayBackend(Backend):
         for e in evaluations:
             self.memo.record(self._key(self.task.ratio_vector(e.ratios)), e)
 
-    def map(self, vecs: Sequence[np.ndarray]) -> list[Evaluation]:
+    def map(
+        self, vecs: Sequence[np.ndarray], reject_below: float | None = None
+    ) -> list[Evaluation]:
         vecs = [self.task.ratio_vector(v) for v in vecs]
         keys = [self._key(v) for v in vecs]
         self.calls += len(vecs)
         todo: dict[tuple[int, ...], np.ndarray] = {}
         for key, vec in zip(keys, vecs, strict=True):
-            if key not in self.memo and key not in todo:
+            if key not in todo and not self.memo.answers(key, reject_below):
                 todo[key] = vec
         jobs = [(vec,) for vec in todo.values()]
         results = self._schedule(
-            lambda actor, job: actor.evaluate.remote(job[0]),
+            lambda actor, job: actor.evaluate.remote(job[0], reject_below),
             jobs,
             lambda job: f"evaluating policy {policy_text(self.task, job[0])}",
         )

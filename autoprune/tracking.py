@@ -90,6 +90,7 @@ CSV_COLUMNS = (
     "reward",
     "meets_budget",
     "cached",
+    "partial",
     "eval_seconds",
     "elapsed",
     "note",
@@ -195,6 +196,7 @@ def _history_rows(records: Sequence[Record]) -> tuple[list[dict[str, Any]], list
     for record in records:
         row: dict[str, Any] = {c: getattr(record, c) for c in CSV_COLUMNS}
         row["meets_budget"], row["cached"] = int(record.meets_budget), int(record.cached)
+        row["partial"] = int(record.partial)
         row.update({f"ratio.{unit}": ratio for unit, ratio in record.ratios.items()})
         rows.append(row)
     return rows, [*CSV_COLUMNS, *(f"ratio.{unit}" for unit in units)]
@@ -631,12 +633,12 @@ class Tracker(TrackingStore):
             return
         first, last = int(rows[0]["index"]), int(rows[-1]["index"])
         earlier = [r for r in self.history(run_id) if int(r["index"]) < first]
-        best = max((float(r["accuracy"]) for r in earlier if r.get("meets_budget")), default=None)
+        best = max((float(r["accuracy"]) for r in earlier if _can_be_best(r)), default=None)
         text = "".join(json.dumps(dict(r), default=float) + "\n" for r in rows)
         metrics: list[Metric] = []
         ts = _now_ms()
         for r in rows:
-            if r.get("meets_budget") and (best is None or float(r["accuracy"]) > best):
+            if _can_be_best(r) and (best is None or float(r["accuracy"]) > best):
                 best = float(r["accuracy"])
             values = {
                 "reward": r.get("reward"),
@@ -696,6 +698,11 @@ class Tracker(TrackingStore):
         """Store a matplotlib figure as the image artifact ``name`` (e.g. ``plot.png``)."""
         with self._errors(f"log {name} to run {run_id}"):
             self.client.log_figure(run_id, fig, name)
+
+
+def _can_be_best(row: Mapping[str, Any]) -> bool:
+    """A history row within budget and fully evaluated (not rejected early)."""
+    return bool(row.get("meets_budget")) and not row.get("partial", False)
 
 
 def _check_status(status: str) -> None:

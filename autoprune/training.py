@@ -15,7 +15,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -338,6 +338,36 @@ def _accuracy(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> tup
     if seen == 0:
         raise ValueError("cannot evaluate on an empty split")
     return correct / seen, total_loss / seen
+
+
+def staged_accuracy(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    checks: Sequence[int],
+    stop: Callable[[int, int], bool],
+) -> tuple[float, float, int]:
+    """``(accuracy, mean loss, images seen)`` like :func:`_accuracy`, but at each check (a count
+    of images seen, ascending) ``stop(correct, seen)`` may end the pass early (the caller's
+    rejection of a policy that clearly cannot matter)."""
+    was_training = model.training
+    model.eval()
+    correct, total_loss, seen, k = 0, 0.0, 0, 0
+    try:
+        with torch.no_grad():
+            for xb, yb in _on_device(batches, model):
+                logits = model(xb)
+                total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+                correct += int((logits.argmax(1) == yb).sum())
+                seen += len(yb)
+                while k < len(checks) and seen >= checks[k]:
+                    k += 1
+                    if stop(correct, seen):
+                        return correct / seen, total_loss / seen, seen
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("cannot evaluate on an empty split")
+    return correct / seen, total_loss / seen, seen
 
 
 # ---------------------------------------------------------------- default checkpoints

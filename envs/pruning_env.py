@@ -92,6 +92,8 @@ class PruningEnv(gym.Env):
         self._check_budget()
         needs_latency = "latency" in self.budget.metrics or self.reward_name == "acc_log_latency"
         self.evaluator = evaluator or Evaluator(self.task, predict_latency=needs_latency)
+        # The searcher's best accuracy so far, for the evaluator's early rejection (None: off).
+        self.reject_below: float | None = None
         self._static = self._static_features()
         macs = np.array([u.macs for u in space.units], dtype=np.float64)
         self._rest = (macs.sum() - np.cumsum(macs)) / macs.sum()
@@ -189,7 +191,7 @@ class PruningEnv(gym.Env):
     def _finish(self) -> Evaluation:
         if not self.budget.met_by(self._cost(self._ratios)):  # guard against rounding
             self._ratios = self.task.project(self._ratios, self.budget)
-        return self.evaluator.evaluate(self._ratios)
+        return self.evaluator.evaluate(self._ratios, self.reject_below)
 
     def _terminal_info(self, e: Evaluation) -> dict[str, Any]:
         info: dict[str, Any] = {
