@@ -54,8 +54,9 @@ def main() -> None:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(done, indent=1))
         print(key, done[key], flush=True)
-    print(f"\nnetadapt on {task.config.model.name}/{task.data.name}, {args.budget}, seed 0, "
-          f"one thread; test accuracy after {args.finetune_epochs} fine-tune epoch(s)\n")  # fmt: skip
+    where = f"{task.config.model.name}/{task.data.name}, {args.budget}"
+    print(f"\nnetadapt on {where}, seed 0, one thread; test accuracy after "
+          f"{args.finetune_epochs} fine-tune epoch(s)\n")  # fmt: skip
     print("| r0 | decay | evaluations | iterations | wall time | search acc | test acc (BN) "
           "| test acc (fine-tuned) |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
     for key, r in done.items():
