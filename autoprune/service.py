@@ -186,6 +186,10 @@ class Job:
     requested: int | None = None
 
 
+# Searcher options that name a file on the server: never from a request.
+FILE_OPTIONS = frozenset({"warm_start", "save_to"})
+
+
 def requested(cfg: ExperimentConfig) -> int | None:
     """Evaluations a launch asks for, when every searcher has a fixed count."""
     total = 0
@@ -440,6 +444,13 @@ class Service:
             )
         if kind == "comparison" and len(set(body.search.searchers)) < 2:
             raise _unprocessable(["search", "searchers"], "a comparison needs two searchers")
+        for name, options in body.search.options.items():
+            for option in sorted(set(options) & FILE_OPTIONS):
+                # A file named by a request would be read (warm_start: unpickled by SB3) or
+                # written (save_to) on this machine.
+                raise _unprocessable(
+                    ["search", "options", name, option], "file paths are not accepted"
+                )
         try:
             experiment_config(body.model_dump())  # per-searcher options
         except ConfigError as err:

@@ -1,4 +1,5 @@
-"""Throughput of the evaluation backends on ResNet-20/digits: serial (both cores), Ray 1 and 2.
+"""Throughput of the evaluation backends on ResNet-20 (digits, or Fashion-MNIST with ``--task
+fashion_mnist``): serial (both cores), Ray 1 and 2.
 
 For each backend: plain evaluations per second (a batch of distinct random policies at FLOPs
 <= 0.25, as random search makes them) and NetAdapt proposals per second (two iterations of
@@ -7,6 +8,10 @@ the wall time per evaluation with one actor minus the evaluation time measured i
 and a no-op actor call's round trip. Ray start-up and actor start-up are not timed.
 
     python experiments/bench_parallel.py [--evaluations 80] [--cores 2]
+    python experiments/bench_parallel.py --task fashion_mnist --evaluations 16 --iterations 0
+
+Evaluations here are always in full (``eval.reject`` off): throughput of the backends, not of
+early rejection.
 """
 
 from __future__ import annotations
@@ -80,10 +85,14 @@ def main() -> None:
     parser.add_argument("--evaluations", type=int, default=80)
     parser.add_argument("--iterations", type=int, default=2, help="NetAdapt iterations")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--task", default="digits", choices=["digits", "fashion_mnist"])
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    task = ap.build_task()
+    overrides = ["eval.reject=false"]
+    if args.task == "fashion_mnist":
+        overrides.append("data.name=fashion_mnist")
+    task = ap.build_task(None, overrides)
     units = len(task.space)
     vecs = random_policies(task, args.evaluations)
     warm = random_policies(task, 2, seed=1)  # warm-up policies, never timed
@@ -92,17 +101,20 @@ def main() -> None:
         f"ray {ray.__version__}  {platform.machine()}  {args.cores} cores"
     )
     print(
-        f"resnet20/digits, {units} units, {BUDGET}: {args.evaluations} plain evaluations "
+        f"resnet20/{args.task}, {units} units, {BUDGET}: {args.evaluations} plain evaluations "
         f"(distinct random policies), NetAdapt {args.iterations} iterations x {units} proposals "
         f"(10-batch fine-tune each)"
     )
     rows = []
-    # Serial: the calling process, torch using every core.
-    torch.set_num_threads(args.cores)
+    # Serial: the calling process, torch using every core, then one thread.
     serial = SerialBackend(task)
-    serial.map(warm)  # first-call allocations
-    eps, inside = plain(serial, vecs)
-    rows.append(("serial", args.cores, eps, inside, netadapt(task, serial, args.iterations)))
+    for threads in (args.cores, 1):
+        torch.set_num_threads(threads)
+        serial.evaluator.memo = type(serial.evaluator.memo)(0)  # measure, never answer cached
+        serial.map(warm)  # first-call allocations
+        eps, inside = plain(serial, vecs)
+        proposals = netadapt(task, serial, args.iterations) if args.iterations else float("nan")
+        rows.append((f"serial, {threads} thread(s)", threads, eps, inside, proposals))
     torch.set_num_threads(1)
 
     init_ray(args.cores)
@@ -112,7 +124,7 @@ def main() -> None:
         backend.pids()  # start the actors (and their tasks) before timing
         backend.map(warm)
         eps, inside = plain(backend, vecs)
-        proposals = netadapt(task, backend, args.iterations)
+        proposals = netadapt(task, backend, args.iterations) if args.iterations else float("nan")
         rows.append((f"ray x{workers}", backend.threads, eps, inside, proposals))
         if workers == 1:
             overhead = {

@@ -270,6 +270,13 @@ def test_compare_records_one_child_per_searcher(tmp_path: Path, default_task: An
     )
     assert [r["run_id"] for r in listed if r["kind"] == "parent"] == [parent]
 
+    listing = ok(cli("runs", "--experiment", "C", cwd=tmp_path))
+    ids = [line.strip("│ ").split()[0] for line in listing.splitlines() if line.startswith("│")]
+    assert ids == [parent, *(c["run_id"] for c in children)]  # whole ids, launch first
+    ranked = {c["run_id"]: c["metrics"].get("policy_accuracy") for c in children}
+    for line in listing.splitlines():
+        if line.startswith("│") and ranked.get(line.strip("│ ").split()[0]) is not None:
+            assert f"{ranked[line.strip('│ ').split()[0]]:.4f}" in line  # what best ranks by
     recorded = table_rows(ok(cli("compare", "--recorded", "--experiment", "C", cwd=tmp_path)))
     for child in children:
         cells = recorded[child["searcher"]]

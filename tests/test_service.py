@@ -140,6 +140,14 @@ def test_whole_cycle_against_a_real_server(tmp_path, default_task):
         assert path.status_code == 422 and "checkpoint" in path.json()["detail"][0]["loc"]
         unknown = server.post("/v1/searches", json={"search": {"bogus": 1}})
         assert unknown.status_code == 422
+        for option in ("warm_start", "save_to"):  # a file read (unpickled) or written here
+            named = {"searchers": ["ddpg"], "options": {"ddpg": {option: str(tmp_path / "a")}}}
+            refused = server.post("/v1/searches", json={"search": named})
+            assert refused.status_code == 422, refused.text
+            assert refused.json()["detail"][0]["loc"] == [
+                "body", "search", "options", "ddpg", option,
+            ]  # fmt: skip
+        assert not (tmp_path / "a").exists()
         assert server.get("/v1/searches/0123abc").status_code == 404
         junk = server.post(
             "/v1/checkpoints", params={"model": "resnet20"}, content=b"not a torch file",
