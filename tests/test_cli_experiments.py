@@ -458,20 +458,13 @@ def test_best_of_a_missing_experiment(searched: dict[str, Any], tmp_path: Path) 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_unreachable_tracking_server_fails_fast(tmp_path: Path) -> None:
-    """One line within seconds, not MLflow's minutes of retries. The same command with a bad
-    searcher fails after the same imports (~5 s on an idle machine, more when the cores are
-    shared): the limit is 10 s there, plus whatever start-up takes beyond 5 s."""
+    """One line, before any work, not MLflow's minutes of retries (7 with exponential backoff,
+    120 s timeouts): the subprocess limit is a guard against that hang, not a timing."""
     uri = f"http://127.0.0.1:{free_port()}"
     args = ("search", "--searcher", "random", "--evaluations", "3", "--tracking-uri", uri)
-    start = time.monotonic()
-    one_line_error(cli(*args[:2], "bogus", cwd=tmp_path), "unknown searcher")
-    startup = time.monotonic() - start
-    start = time.monotonic()
-    run = cli(*args, cwd=tmp_path)
-    seconds = time.monotonic() - start
+    run = cli(*args, cwd=tmp_path, timeout=90)
     one_line_error(run, f"MLflow tracking server {uri} is unreachable")
-    assert seconds < 10 + max(0.0, startup - 5), (seconds, startup)
-    assert seconds - startup < 5, (seconds, startup)
+    assert not list(tmp_path.iterdir()), "nothing is recorded or built for a search that fails"
 
 
 @pytest.mark.slow
