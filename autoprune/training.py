@@ -324,20 +324,8 @@ def _on_device(batches: Iterable[tuple[Tensor, Tensor]], model: nn.Module) -> It
 
 
 def _accuracy(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> tuple[float, float]:
-    was_training = model.training
-    model.eval()
-    correct, total_loss, seen = 0, 0.0, 0
-    # no_grad, not inference_mode: prune hooks would store inference tensors as module weights.
-    with torch.no_grad():
-        for xb, yb in _on_device(batches, model):
-            logits = model(xb)
-            total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
-            correct += int((logits.argmax(1) == yb).sum())
-            seen += len(yb)
-    model.train(was_training)
-    if seen == 0:
-        raise ValueError("cannot evaluate on an empty split")
-    return correct / seen, total_loss / seen
+    accuracy, loss, _ = staged_accuracy(model, batches, (), lambda correct, seen: False)
+    return accuracy, loss
 
 
 def staged_accuracy(
@@ -346,13 +334,15 @@ def staged_accuracy(
     checks: Sequence[int],
     stop: Callable[[int, int], bool],
 ) -> tuple[float, float, int]:
-    """``(accuracy, mean loss, images seen)`` like :func:`_accuracy`, but at each check (a count
-    of images seen, ascending) ``stop(correct, seen)`` may end the pass early (the caller's
+    """``(accuracy, mean cross-entropy, images seen)`` in eval mode; at each check (a count of
+    images seen, ascending) ``stop(correct, seen)`` may end the pass early (the evaluator's
     rejection of a policy that clearly cannot matter)."""
     was_training = model.training
     model.eval()
     correct, total_loss, seen, k = 0, 0.0, 0, 0
     try:
+        # no_grad, not inference_mode: prune hooks would store inference tensors as module
+        # weights (and inference_mode measured no faster here).
         with torch.no_grad():
             for xb, yb in _on_device(batches, model):
                 logits = model(xb)
