@@ -371,8 +371,10 @@ class JobManager:
             self._set_state(job, "failed")
 
     def _set_state(self, job: Job, state: str) -> None:
-        job.state = state
+        # The record first: a status read between the two (job no longer live, tag not yet
+        # written) would report a cancelled or finished launch as interrupted.
         self.tracker.client.set_tag(job.id, STATE_TAG, state)
+        job.state = state
 
 
 # ------------------------------------------------------------------ the app
