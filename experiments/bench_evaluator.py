@@ -131,9 +131,11 @@ def main() -> None:
                 r = done[key]
                 print(f"{key}: evaluator {r['evaluator_s']:.3f} s, floor {r['floor_s']:.3f} s, "
                       f"x{r['ratio']:.2f}", flush=True)  # fmt: skip
-    print("\n| task | budget | variant | search imgs | BN imgs | evaluator s | floor s | ratio "
-          "| prune s | recalibrate s | accuracy s | floor, no_grad s | floor, channels-last s |"
-          "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| task | budget | variant | search imgs | BN imgs | evaluator s | floor s | ratio "
+        "| prune s | recalibrate s | accuracy s | floor, no_grad s | floor, channels-last s |"
+        "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
     for r in done.values():
         print(f"| {r['task']} | {r['budget']} | {r['variant']} | {r['search_images']} | "
               f"{r['bn_images']} | {r['evaluator_s']:.3f} | {r['floor_s']:.3f} | "

@@ -75,10 +75,15 @@ def main() -> None:
                 RESULTS.parent.mkdir(parents=True, exist_ok=True)
                 RESULTS.write_text(json.dumps(done, indent=1))
                 r = done[key]
-                print(f"{key}: best {r['best_accuracy']:.4f}, {r['evaluations_per_s']:.3f} "
-                      f"eval/s, {r['partial']} partial, overhead {r['overhead']:.1%}", flush=True)
-    print("\n| task | budget | searcher | seed | rejection | best search acc | evals | partial "
-          "| wall s | evals/s | agent overhead |\n|---|---|---|---|---|---|---|---|---|---|---|")
+                print(
+                    f"{key}: best {r['best_accuracy']:.4f}, {r['evaluations_per_s']:.3f} "
+                    f"eval/s, {r['partial']} partial, overhead {r['overhead']:.1%}",
+                    flush=True,
+                )
+    print(
+        "\n| task | budget | searcher | seed | rejection | best search acc | evals | partial "
+        "| wall s | evals/s | agent overhead |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    )
     for key, r in done.items():
         print(f"| {r['task']} | {key.split()[1]} | {r['searcher']} | {r['seed']} | "
               f"{'on' if r['reject'] else 'off'} | {r['best_accuracy']:.4f} | "
