@@ -27,8 +27,9 @@ _state = threading.local()
 
 
 @contextmanager
-def _holding() -> Iterator[None]:
-    """Hold SIGINT until the block (or decorated call) ends, then deliver it."""
+def held() -> Iterator[None]:
+    """Hold SIGINT until the block (or decorated call: a contextlib context manager is also a
+    decorator, a fresh hold per call) ends, then deliver it."""
     if threading.current_thread() is not threading.main_thread() or getattr(
         _state, "active", False
     ):
@@ -60,7 +61,3 @@ def _deliver(handler: Any) -> None:
         handler(signal.SIGINT, None)  # default_int_handler raises KeyboardInterrupt
     elif handler == signal.SIG_DFL:
         os.kill(os.getpid(), signal.SIGINT)
-
-
-# A contextlib context manager is also a decorator (a fresh hold per call): ``@held()``.
-held = _holding
