@@ -7,7 +7,7 @@ Every searcher shares one interface::
     result.best.accuracy, result.best_ratios, len(result.history)
 """
 
-from autoprune.agents import baselines, ddpg, netadapt
+from autoprune.agents import baselines, ddpg, evolution, netadapt
 from autoprune.agents.base import Record, Searcher, SearchError, SearchResult
 from autoprune.agents.registry import SEARCHERS, get_searcher, register, search
 
@@ -19,6 +19,7 @@ __all__ = [
     "Searcher",
     "baselines",
     "ddpg",
+    "evolution",
     "get_searcher",
     "netadapt",
     "register",

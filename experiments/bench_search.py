@@ -1,11 +1,21 @@
-"""The quality bar of the searchers: ResNet-20 on digits, channel, l2, adaptive BN, FLOPs <= 0.25.
+"""The searchers' quality bar (issue 16): does ``ddpg`` beat random, evolutionary, sensitivity and
+greedy search at equal evaluations?
 
-For each searcher and seed: best search-split accuracy, test accuracy of the best policy before
-and after the same short fine-tune, the mean search accuracy of the last 50 episodes (ddpg,
-random), the evaluations needed to first reach random search's final best, the achieved FLOPs
-ratio and the wall time; then mean and spread (std) over seeds.
+Default task: ResNet-20 on Fashion-MNIST at 28x28 (its cached default checkpoint), channel
+granularity, l2, adaptive BN. For each budget, searcher and seed: best search-split accuracy;
+test accuracy (the official 10,000 test images) of the best policy with adaptive BN only and
+after the same fine-tune for all; evaluations needed to reach sensitivity's search accuracy; the
+mean of the last 50 evaluations; achieved FLOPs; wall time; and, for equal wall time, each
+episodic searcher's best within the shortest episodic searcher's wall time of that seed. Then
+mean ± std over seeds, and a verdict per budget computed from the rows (the issue's targets).
 
-    python experiments/bench_search.py [--evaluations 300] [--seeds 0 1 2] [--finetune-epochs 5]
+Resumable: every finished (budget, searcher, seed) is appended to ``<out>.jsonl`` at once and
+skipped by a rerun; the tables (``<out>.md``) are rebuilt from that file.
+
+    python experiments/bench_search.py [--data fashion_mnist] [--budgets flops=0.5 flops=0.25]
+        [--searchers ddpg random evolution netadapt sensitivity uniform global]
+        [--seeds 0 1 2 3 4] [--evaluations 300] [--finetune-epochs 2] [--workers 2]
+        [--variant LABEL=SEARCHER:key=value,...] [--table-only]
 """
 
 from __future__ import annotations
@@ -20,33 +30,18 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from autoprune.agents import SEARCHERS, search
+from autoprune.agents import SEARCHERS, get_searcher, search
 
 import autoprune as ap
-from autoprune.training import evaluate_accuracy, recalibrate_bn
+from autoprune.evaluate import EvaluationMemo
+from autoprune.parallel import make_backend
 
-EPISODIC = ("ddpg", "random")  # searchers that take an evaluation budget
-
-
-def test_accuracy(task: ap.Task, ratios: dict[str, float], finetune_epochs: int) -> tuple:
-    """Test accuracy of a policy with adaptive BN only, and after a short fine-tune."""
-    model = task.prune(ratios)
-    cfg = task.config.eval
-    recalibrate_bn(model, task.data.x_train, cfg.bn_batches, cfg.bn_batch_size)
-    before, _ = evaluate_accuracy(model, task.data.x_test, task.data.y_test)
-    result = ap.apply_policy(task, ratios, finetune_epochs=finetune_epochs, latency=False)
-    return before, result.after["test_accuracy"]
-
-
-def first_reaching(history: list, target: float) -> int | None:
-    for rec in history:
-        if rec.meets_budget and rec.accuracy >= target:
-            return int(rec.index)
-    return None
+DETERMINISTIC = ("netadapt", "sensitivity", "uniform", "global")  # run for the first seed only
+OUT = Path("experiments/results/bench_search_fmnist")
 
 
 def parse_variant(spec: str) -> tuple[str, str, dict[str, Any]]:
-    """``ddpg-slow=ddpg:sigma=0.3,sigma_decay=0.98`` -> (label, searcher, options)."""
+    """``ddpg-loss=ddpg:reward=loss,sigma=0.5`` -> (label, searcher, options)."""
     label, _, rest = spec.partition("=")
     searcher, _, opts = rest.partition(":")
     options = {}
@@ -56,8 +51,25 @@ def parse_variant(spec: str) -> tuple[str, str, dict[str, Any]]:
     return label, searcher, options
 
 
-def run(
+def test_accuracy(task: ap.Task, ratios: dict[str, float], epochs: int) -> tuple[float, float]:
+    """Test accuracy of a policy with adaptive BN only, and after ``epochs`` of fine-tuning."""
+    result = ap.apply_policy(task, ratios, finetune_epochs=epochs, latency=False)
+    return result.pruned_no_finetune["test_accuracy"], result.after["test_accuracy"]
+
+
+def fresh_memo(backend: Any) -> None:
+    """Forget earlier searches' evaluations: each search pays for its own (equal wall time)."""
+    size = backend.task.config.eval.cache_size
+    if hasattr(backend, "memo"):  # Ray: the driver's memo
+        backend.memo = EvaluationMemo(size)
+    if getattr(backend, "evaluator", None) is not None:  # serial
+        backend.evaluator.memo = EvaluationMemo(size)
+
+
+def run_one(
     task: ap.Task,
+    backend: Any,
+    budget: str,
     label: str,
     seed: int,
     evaluations: int,
@@ -65,27 +77,43 @@ def run(
     variants: dict[str, tuple[str, dict[str, Any]]],
 ) -> dict[str, Any]:
     name, options = variants.get(label, (label, {}))
-    kwargs: dict[str, Any] = {"evaluations": evaluations} if name in EPISODIC else {}
+    cls = get_searcher(name)
+    kwargs: dict[str, Any] = {}
+    if cls.needs_evaluations or name == "netadapt":  # a budget, or netadapt's limit
+        kwargs["evaluations"] = evaluations
+    fresh_memo(backend)
     start = time.perf_counter()
-    result = search(name, task, "flops=0.25", seed=seed, **kwargs, **options)
+    result = search(name, task, budget, seed=seed, backend=backend, **kwargs, **options)
     wall = time.perf_counter() - start
-    assert result.best is not None
+    assert result.best is not None, f"{label} found nothing within {budget}"
     before, after = test_accuracy(task, result.best_ratios, epochs)
-    accs = [r.accuracy for r in result.history]
+    full = [r for r in result.history if not r.partial]
     return {
+        "budget": budget,
         "searcher": label,
         "seed": seed,
         "best_search": result.best.accuracy,
         "test_before": before,
         "test_after": after,
-        "last50": float(np.mean(accs[-50:])) if name in EPISODIC else None,
+        "last50": float(np.mean([r.accuracy for r in full[-50:]])) if full else None,
         "options": options,
         "flops": result.best.flops_ratio,
         "evaluations": result.evaluations,
+        "partial": sum(r.partial for r in result.history),
+        "cached": sum(r.cached for r in result.history),
         "wall": wall,
-        "history": accs,
-        "valid": [r.meets_budget for r in result.history],
+        # (elapsed s, accuracy, counts as a best) per evaluation, for curves and equal wall time
+        "history": [
+            [round(r.elapsed, 3), r.accuracy, bool(r.meets_budget and not r.partial)]
+            for r in result.history
+        ],
     }
+
+
+def _load(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def mean_std(values: list[float | None], scale: float = 100.0, digits: int = 1) -> str:
@@ -97,81 +125,168 @@ def mean_std(values: list[float | None], scale: float = 100.0, digits: int = 1) 
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def table(rows: list[dict[str, Any]], dense_test: float) -> str:
-    random_best = {r["seed"]: r["best_search"] for r in rows if r["searcher"] == "random"}
-    lines = [
-        "| searcher | best search acc % | test acc % (no FT) | test acc % (FT) | last-50 mean % "
-        "| evals to random's best | FLOPs ratio | evaluations | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name in dict.fromkeys(r["searcher"] for r in rows):
-        mine = [r for r in rows if r["searcher"] == name]
-        reach = []
-        for r in mine:
-            target = random_best.get(r["seed"])
-            if target is not None:
-                hist = [
-                    i + 1
-                    for i, (a, ok) in enumerate(zip(r["history"], r["valid"], strict=True))
-                    if ok and a >= target
-                ]
-                reach.append(str(hist[0]) if hist else "never")
-        lines.append(
-            f"| {name} | {mean_std([r['best_search'] for r in mine])} "
-            f"| {mean_std([r['test_before'] for r in mine])} "
-            f"| {mean_std([r['test_after'] for r in mine])} "
-            f"| {mean_std([r['last50'] for r in mine])} | {', '.join(reach) or '-'} "
-            f"| {mean_std([r['flops'] for r in mine], 1, 3)} "
-            f"| {mean_std([r['evaluations'] for r in mine], 1, 0)} "
-            f"| {mean_std([r['wall'] for r in mine], 1, 0)} |"
+def best_within(row: dict[str, Any], seconds: float | None = None) -> float | None:
+    """Best search accuracy among the evaluations finished within ``seconds`` (all: None)."""
+    accs = [a for t, a, ok in row["history"] if ok and (seconds is None or t <= seconds)]
+    return max(accs) if accs else None
+
+
+def reach(row: dict[str, Any], target: float | None) -> str:
+    if target is None:
+        return "-"
+    for i, (_, acc, ok) in enumerate(row["history"], 1):
+        if ok and acc >= target:
+            return str(i)
+    return "never"
+
+
+def _std(values: list[float]) -> float:
+    return statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def verdict(rows: list[dict[str, Any]], agent: str = "ddpg") -> list[str]:
+    """The issue's targets, checked on the rows of one budget."""
+    names = dict.fromkeys(r["searcher"] for r in rows)
+    by = {n: [r for r in rows if r["searcher"] == n] for n in names}
+    if agent not in by:
+        return [f"- no `{agent}` rows"]
+    mean = {n: statistics.mean(r["test_before"] for r in rs) for n, rs in by.items()}
+    ft = {n: statistics.mean(r["test_after"] for r in rs) for n, rs in by.items()}
+    others = [n for n in by if n != agent]
+    out = []
+    best_other = max(others, key=lambda n: mean[n]) if others else None
+    if best_other is not None:
+        ok = mean[agent] > mean[best_other]
+        out.append(
+            f"- test accuracy without fine-tuning: `{agent}` {100 * mean[agent]:.2f}% vs the best "
+            f"other, `{best_other}`, {100 * mean[best_other]:.2f}%: **{'met' if ok else 'missed'}**"
         )
-    lines.append(f"\nUnpruned model: test accuracy {100 * dense_test:.1f}%.")
+    for rival in ("random", "evolution"):
+        if rival not in by:
+            continue
+        spread = max(_std([r["test_before"] for r in by[agent]]),
+                     _std([r["test_before"] for r in by[rival]]))  # fmt: skip
+        lead = mean[agent] - mean[rival]
+        ok = lead > spread and len(by[agent]) > 1
+        out.append(
+            f"- lead over `{rival}` (no FT): {100 * lead:+.2f} points against a seed spread of "
+            f"{100 * spread:.2f} ({len(by[agent])} seeds): **{'met' if ok else 'missed'}**"
+        )
+    if others:
+        worst_gap = max(ft[n] - ft[agent] for n in others)
+        ok = worst_gap <= 0.002
+        out.append(
+            f"- after the same fine-tune, at most 0.2 points below any other: largest gap "
+            f"{100 * worst_gap:+.2f} points: **{'met' if ok else 'missed'}**"
+        )
+    if "uniform" in by:
+        lead = ft[agent] - ft["uniform"]
+        out.append(
+            f"- after fine-tune, >= 0.5 above `uniform`: {100 * lead:+.2f} points: "
+            f"**{'met' if lead >= 0.005 else 'missed'}**"
+        )
+    return out
+
+
+def table(rows: list[dict[str, Any]], agent: str = "ddpg") -> str:
+    lines: list[str] = []
+    for budget in dict.fromkeys(r["budget"] for r in rows):
+        mine = [r for r in rows if r["budget"] == budget]
+        sens = [r["best_search"] for r in mine if r["searcher"] == "sensitivity"]
+        target = sens[0] if sens else None
+        episodic = [r for r in mine if r["searcher"] not in DETERMINISTIC]
+        seeds = sorted({r["seed"] for r in episodic})
+        # equal wall time: each episodic row's best within the fastest episodic row of its seed
+        horizon = {s: min(r["wall"] for r in episodic if r["seed"] == s) for s in seeds}
+        lines += [
+            f"\n#### {budget}\n",
+            "| searcher | seeds | best search acc % | test acc % (no FT) | test acc % (FT) "
+            "| best at equal wall time % | evals to sensitivity's acc | last-50 mean % "
+            "| FLOPs ratio | evaluations (partial) | wall s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name in dict.fromkeys(r["searcher"] for r in mine):
+            rs = [r for r in mine if r["searcher"] == name]
+            equal = [best_within(r, horizon[r["seed"]]) for r in rs if r["seed"] in horizon
+                     and name not in DETERMINISTIC]  # fmt: skip
+            partial = sum(r["partial"] for r in rs) / len(rs)
+            lines.append(
+                f"| {name} | {len(rs)} | {mean_std([r['best_search'] for r in rs])} "
+                f"| {mean_std([r['test_before'] for r in rs])} "
+                f"| {mean_std([r['test_after'] for r in rs])} | {mean_std(equal)} "
+                f"| {', '.join(reach(r, target) for r in rs)} "
+                f"| {mean_std([r['last50'] for r in rs])} "
+                f"| {mean_std([r['flops'] for r in rs], 1, 3)} "
+                f"| {mean_std([r['evaluations'] for r in rs], 1, 0)} ({partial:.0f}) "
+                f"| {mean_std([r['wall'] for r in rs], 1, 0)} |"
+            )
+        lines += ["", "Verdict (computed from the rows above):", *verdict(mine, agent)]
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="fashion_mnist")
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--budgets", nargs="+", default=["flops=0.5", "flops=0.25"])
     parser.add_argument("--evaluations", type=int, default=300)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--searchers", nargs="+", default=["random", "ddpg", "netadapt",
-                        "uniform", "sensitivity", "global"])  # fmt: skip
-    parser.add_argument("--finetune-epochs", type=int, default=5)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--searchers", nargs="+", default=["ddpg", "random", "evolution",
+                        "netadapt", "sensitivity", "uniform", "global"])  # fmt: skip
+    parser.add_argument("--finetune-epochs", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="Ray workers (0: serial)")
     parser.add_argument(
         "--variant",
         action="append",
         default=[],
         help="extra row LABEL=SEARCHER:key=value,... (list LABEL in --searchers)",
     )
-    parser.add_argument("--out", type=Path, default=Path("experiments/results/bench_search"))
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    parser.add_argument("--agent", default="ddpg", help="the row the verdict judges")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--table-only", action="store_true", help="rebuild the tables only")
+    args = parser.parse_args()  # fmt: skip
     variants = {label: (name, opts) for label, name, opts in map(parse_variant, args.variant)}
     unknown = sorted(set(args.searchers) - set(SEARCHERS) - set(variants))
     if unknown:
         raise SystemExit(f"unknown searchers {unknown}; choose from {sorted(SEARCHERS)}")
-    task = ap.build_task()
-    dense_test, _ = evaluate_accuracy(task.model, task.data.x_test, task.data.y_test)
-    print(
-        f"# bench_search {time.strftime('%Y-%m-%d %H:%M')}: resnet20/digits, channel, l2, "
-        f"FLOPs<=0.25, {args.evaluations} evaluations (ddpg, random), seeds {args.seeds}, "
-        f"fine-tune {args.finetune_epochs} epochs, search split {len(task.data.y_search)}"
-    )
-    rows = []
-    for seed in args.seeds:
-        for name in args.searchers:
-            row = run(task, name, seed, args.evaluations, args.finetune_epochs, variants)
-            rows.append(row)
-            print(
-                f"  {name:12s} seed {seed}: best {100 * row['best_search']:.1f}%  test "
-                f"{100 * row['test_before']:.1f}% -> {100 * row['test_after']:.1f}% after FT  "
-                f"FLOPs {row['flops']:.3f}  {row['evaluations']} evals  {row['wall']:.0f} s",
-                flush=True,
-            )
-    text = table(rows, dense_test)
+    log = args.out.with_suffix(".jsonl")
+    rows = _load(log)
+    if not args.table_only:
+        torch.set_num_threads(1)
+        task = ap.build_task(None, [f"model.name={args.model}", f"data.name={args.data}"],
+                             progress=True)  # fmt: skip
+        for budget in args.budgets:
+            task.check_budget(budget)  # every budget reachable, before anything runs
+        done = {(r["budget"], r["searcher"], r["seed"]) for r in rows}
+        print(f"# bench_search {time.strftime('%Y-%m-%d %H:%M')}: {args.model}/{args.data}, "
+              f"{args.evaluations} evaluations, seeds {args.seeds}, fine-tune "
+              f"{args.finetune_epochs} epochs, {args.workers} Ray workers; {len(done)} rows "
+              f"already in {log}", flush=True)  # fmt: skip
+        with make_backend(task, args.workers) as backend:
+            for budget in args.budgets:
+                for seed in args.seeds:
+                    for label in args.searchers:
+                        name = variants.get(label, (label, {}))[0]
+                        if name in DETERMINISTIC and seed != args.seeds[0]:
+                            continue
+                        if (budget, label, seed) in done:
+                            continue
+                        row = run_one(task, backend, budget, label, seed, args.evaluations,
+                                      args.finetune_epochs, variants)  # fmt: skip
+                        with log.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
+                        rows.append(row)
+                        print(
+                            f"  {budget} {label:12s} seed {seed}: best "
+                            f"{100 * row['best_search']:.2f}%  test "
+                            f"{100 * row['test_before']:.2f}% -> {100 * row['test_after']:.2f}% "
+                            f"FT  FLOPs {row['flops']:.3f}  {row['evaluations']} evals "
+                            f"({row['partial']} partial)  {row['wall']:.0f} s",
+                            flush=True,
+                        )
+    text = table(rows, args.agent)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(text + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Baseline searchers (uniform, random, sensitivity, global) and NetAdapt: the budget guarantee,
-history lengths, determinism, the callback, and bad input."""
+"""Baseline searchers (uniform, random, sensitivity, global), evolution and NetAdapt: the budget
+guarantee, history lengths, determinism, the callback, and bad input."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ CASES: dict[str, tuple[dict[str, Any], int]] = {
     "sensitivity": ({"grid": GRID}, 12 * len(GRID) + 2),  # dense + scan + final
     "global": ({"bisection_steps": 6}, 1),
     "netadapt": ({"evaluations": 6, "r0": 0.1, "finetune_batches": 2}, 6),
+    "evolution": ({"evaluations": 7, "population": 3, "parents": 2}, 7),
 }
 
 
@@ -90,9 +91,10 @@ def test_same_seed_same_result(default_task: Task, runs, name: str) -> None:
     assert [r.accuracy for r in again.history] == [r.accuracy for r in first.history]
 
 
-def test_random_seeds_differ(default_task: Task, runs) -> None:
-    first, _ = _run(runs, default_task, "random")
-    other, _ = _run(runs, default_task, "random", seed=1)
+@pytest.mark.parametrize("name", ["random", "evolution"])
+def test_random_seeds_differ(default_task: Task, runs, name: str) -> None:
+    first, _ = _run(runs, default_task, name)
+    other, _ = _run(runs, default_task, name, seed=1)
     assert [r.ratios for r in other.history] != [r.ratios for r in first.history]
 
 

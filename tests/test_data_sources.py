@@ -125,3 +125,18 @@ def test_real_fashion_mnist_when_installed():
     assert data.sizes() == {"train": 55000, "search": 5000, "test": 10000}
     assert data.input_shape == (1, 28, 28) and data.num_classes == 10
     assert abs(float(data.x_train.mean())) < 1e-3  # normalised with training statistics
+
+
+def test_real_data_sets_get_their_training_defaults_per_model():
+    from autoprune.config import TrainConfig, task_config
+
+    fm = task_config(None, ["data.name=fashion_mnist"])  # resnet20: the data set's 8 epochs
+    assert (fm.train.epochs, fm.train.batch_size, fm.train.finetune_augment) == (8, 128, True)
+    vgg = task_config(None, ["data.name=fashion_mnist", "model.name=vgg11"])
+    assert vgg.train.epochs == 2 and vgg.train.batch_size == 128  # fits the ~20 minutes
+    mnist = task_config(None, ["data.name=mnist", "data.path=/x", "model.name=mobilenetv2"])
+    assert mnist.train.epochs == 1
+    chosen = task_config(None, ["data.name=fashion_mnist", "model.name=vgg11", "train.epochs=5"])
+    assert chosen.train.epochs == 5  # what a config says wins
+    digits = task_config(None, ["model.name=vgg11"])
+    assert digits.train.epochs == TrainConfig().epochs  # digits keeps the plain defaults

@@ -62,6 +62,7 @@ def test_map_matches_serial_and_caches(default_task, pool):
     [
         ("uniform", {}),
         ("random", {"evaluations": 10}),
+        ("evolution", {"evaluations": 10, "population": 4, "parents": 2}),
         ("sensitivity", {"grid": (0.4, 0.8)}),
         ("netadapt", {"evaluations": 12, "finetune_batches": 2, "r0": 0.1}),
     ],
