@@ -142,6 +142,9 @@ class Searcher(ABC):
 
     # ------------------------------------------------------------ options
     defaults: ClassVar[dict[str, Any]] = {}
+    # The type and bounds of each option (pydantic annotations), checked by the config schema
+    # (CLI, YAML, HTTP) before a searcher is built: see ``registry.options_model``.
+    option_types: ClassVar[dict[str, Any]] = {}
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Merge options into the searcher's defaults; unknown names are errors."""

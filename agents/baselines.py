@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ import torch_pruning as tp
 from autoprune.agents.base import Searcher, SearchError
 from autoprune.agents.registry import register
 from autoprune.envs.pruning_env import PruningEnv
+from pydantic import Field
 
 from autoprune.budget import Budget
 from autoprune.sensitivity import SensitivityResult, scan
@@ -124,6 +125,11 @@ class SensitivitySearcher(Searcher):
 
     name = "sensitivity"
     defaults: ClassVar[dict[str, Any]] = {"grid": (0.2, 0.4, 0.6, 0.8)}
+    option_types: ClassVar[dict[str, Any]] = {
+        "grid": Annotated[
+            list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=1, max_length=100)
+        ],
+    }
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         merged = super().check_options(options)
@@ -256,6 +262,9 @@ class GlobalSearcher(Searcher):
     channel_only = True
     fixed_evaluations = 1
     defaults: ClassVar[dict[str, Any]] = {"bisection_steps": 14}
+    option_types: ClassVar[dict[str, Any]] = {
+        "bisection_steps": Annotated[int, Field(ge=1, le=64)],
+    }
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         require_channel(self.task, self.name)

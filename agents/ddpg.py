@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from autoprune.agents.base import Searcher, SearchError
 from autoprune.agents.registry import register
 from autoprune.envs import PruningEnv
 from gymnasium import spaces
+from pydantic import Field
 from scipy.stats import truncnorm
 from stable_baselines3 import DDPG, TD3
 from stable_baselines3.common.buffers import ReplayBuffer
@@ -241,6 +242,30 @@ class DDPGSearcher(Searcher):
         "warm_start": None,  # path of a saved agent to continue from
         "save_to": None,  # save the trained agent here
         "device": "cpu",
+    }
+    option_types: ClassVar[dict[str, Any]] = {
+        "algo": Literal["ddpg", "td3"],
+        "reward": str,
+        "warmup_episodes": Annotated[int, Field(ge=0, le=1_000_000)],
+        "noise": Literal["truncated_normal", "normal", "none"],
+        "sigma": Annotated[float, Field(ge=0, le=10)],
+        "sigma_decay": Annotated[float, Field(gt=0, le=1)],
+        "episode_credit": bool,
+        "baseline": bool,
+        "baseline_alpha": Annotated[float, Field(ge=0, le=1)],
+        "bootstrap": bool,
+        "actor_lr": Annotated[float, Field(gt=0, le=1)],
+        "critic_lr": Annotated[float, Field(gt=0, le=1)],
+        "tau": Annotated[float, Field(gt=0, le=1)],
+        "batch_size": Annotated[int, Field(ge=1, le=65_536)],
+        "gamma": Annotated[float, Field(ge=0, le=1)],
+        "net_arch": Annotated[
+            list[Annotated[int, Field(ge=1, le=4096)]], Field(min_length=1, max_length=8)
+        ],
+        "buffer_size": Annotated[int, Field(ge=1, le=10_000_000)],
+        "warm_start": str | None,
+        "save_to": str | None,
+        "device": Literal["cpu", "cuda", "auto"],
     }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

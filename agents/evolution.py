@@ -21,12 +21,13 @@ must is never worth its accuracy).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 from autoprune.agents.base import Record, Searcher, SearchError
 from autoprune.agents.registry import register
 from autoprune.envs.pruning_env import PruningEnv
+from pydantic import Field
 
 _REDRAWS = 20  # tries to draw a child that was not evaluated yet
 
@@ -46,6 +47,13 @@ class EvolutionSearcher(Searcher):
         "crossover": 0.5,  # fraction of each generation bred by crossover; the rest by mutation
         "mutation_prob": 0.1,  # per unit (at least one unit of every mutant moves)
         "mutation_sigma": 0.1,  # Gaussian step, as a fraction of max_ratio
+    }
+    option_types: ClassVar[dict[str, Any]] = {
+        "population": Annotated[int, Field(ge=2, le=100_000)],
+        "parents": Annotated[int, Field(ge=1, le=100_000)],
+        "crossover": Annotated[float, Field(ge=0, le=1)],
+        "mutation_prob": Annotated[float, Field(ge=0, le=1)],
+        "mutation_sigma": Annotated[float, Field(gt=0, le=1)],
     }
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,11 +21,12 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 from autoprune.agents.base import Searcher, SearchError
 from autoprune.agents.registry import register
+from pydantic import Field
 from torch import nn
 
 from autoprune.apply import _relative
@@ -239,6 +240,14 @@ class NetAdaptSearcher(Searcher):
         "long_finetune_batches": 0,
         "select": "accuracy",
         "round_to": None,
+    }
+    option_types: ClassVar[dict[str, Any]] = {
+        "r0": Annotated[float, Field(gt=0, le=1)],
+        "decay": Annotated[float, Field(gt=0, le=1)],
+        "finetune_batches": Annotated[int, Field(ge=0, le=1_000_000)],
+        "long_finetune_batches": Annotated[int, Field(ge=0, le=10_000_000)],
+        "select": Literal["accuracy", "drop_per_cost"],
+        "round_to": Annotated[int, Field(ge=1, le=4096)] | None,
     }
     model: nn.Module | None = None
 

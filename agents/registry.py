@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from functools import cache
+from typing import Annotated, Any
 
 from autoprune.agents.base import Callback, Searcher, SearchError, SearchResult
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from autoprune.budget import Budget
 from autoprune.evaluate import Evaluator
@@ -28,6 +30,36 @@ def get_searcher(name: str) -> type[Searcher]:
         return SEARCHERS[name]
     except KeyError:
         raise SearchError(f"unknown searcher {name!r}; choose from {sorted(SEARCHERS)}") from None
+
+
+# Options every searcher takes in ``search.options.<name>``: its own evaluation budget and seeds.
+COMMON_OPTION_TYPES: dict[str, Any] = {
+    "evaluations": Annotated[int, Field(ge=1, le=10_000_000)],
+    "seeds": Annotated[  # one seed or a list
+        list[Annotated[int, Field(ge=0)]],
+        BeforeValidator(lambda v: [v] if isinstance(v, int) and not isinstance(v, bool) else v),
+        Field(min_length=1, max_length=1000),
+    ],
+}
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=False)
+
+
+@cache
+def options_model(name: str) -> type[BaseModel]:
+    """The schema of ``search.options.<name>``: every option of searcher ``name`` with its type
+    and bounds, all optional (a missing one keeps the searcher's default), no others; the one
+    schema the CLI, YAML configs and the service validate against."""
+    cls = get_searcher(name)
+    missing = sorted(set(cls.defaults) - set(cls.option_types))
+    if missing:
+        raise TypeError(f"searcher {name!r} declares no type for option(s) {missing}")
+    fields: dict[str, Any] = {
+        key: (kind, None) for key, kind in {**cls.option_types, **COMMON_OPTION_TYPES}.items()
+    }
+    return create_model(f"{cls.__name__}Options", __base__=_Options, **fields)
 
 
 def search(

@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from autoprune.limits import Limits
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -799,6 +801,14 @@ def serve(
     max_workers: Annotated[int, typer.Option(min=1, help="Ray workers per search.")] = 2,
     max_evaluations: Annotated[int, typer.Option(min=1, help="Evaluations per search.")] = 2000,
     max_upload_mb: Annotated[int, typer.Option(min=1, help="Checkpoint upload limit.")] = 64,
+    limit: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=VALUE: change one bound on what a request may cost (repeatable). "
+            f"Defaults: {Limits().describe()}.",
+            metavar="NAME=VALUE",
+        ),
+    ] = None,
 ) -> None:
     """The HTTP service: launch searches, follow them, fetch the best per-layer ratios.
 
@@ -811,11 +821,16 @@ def serve(
     from autoprune.service import Settings, check_bind, load_token
     from autoprune.service import serve as run_service
 
+    try:
+        limits = Limits.parse(limit or [], workers=max_workers, evaluations=max_evaluations,
+                              upload_mb=max_upload_mb)  # fmt: skip
+    except ValueError as err:  # pydantic's ValidationError is one
+        text = str(err).splitlines()[0] if "--limit" in str(err) else " ".join(str(err).split())
+        raise typer.BadParameter(text, param_hint="--limit") from None
     settings = Settings(
         host=host, port=port, token=load_token(token_file), tracking_uri=tracking_uri,
         experiment=experiment, ray_address=ray_address, max_concurrent=max_concurrent,
-        max_workers=max_workers, max_evaluations=max_evaluations,
-        max_upload_bytes=max_upload_mb * 1024**2,
+        limits=limits,
     )  # fmt: skip
     check_bind(settings)
     run_service(settings)

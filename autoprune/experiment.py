@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 
-from autoprune.agents import get_searcher
+from autoprune.agents import SEARCHERS, get_searcher
 from autoprune.agents.base import Record, SearchError, SearchResult
+from autoprune.agents.registry import options_model
 from autoprune.apply import apply_policy
 from autoprune.budget import Budget
 from autoprune.config import ConfigError, TaskConfig, _Strict, validated
@@ -77,7 +78,9 @@ class SearchConfig(_Strict):
         default=None, ge=1, description="torch threads per Ray worker (None: cores // workers)."
     )
     options: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="Per-searcher options, e.g. {ddpg: {sigma: 0.3}}."
+        default_factory=dict,
+        description="Per-searcher options, e.g. {ddpg: {sigma: 0.3}}.",
+        json_schema_extra=lambda schema: _options_schema(schema),
     )
     finetune_epochs: int = Field(
         default=0, ge=0, description="Fine-tune each best policy this long for its test accuracy."
@@ -116,20 +119,47 @@ class ExperimentConfig(TaskConfig):
         return TaskConfig.model_validate(self.model_dump(exclude={"search", "tracking"}))
 
 
+def _options_schema(schema: dict[str, Any]) -> None:
+    """The JSON schema of ``search.options``: one typed object per searcher (its options with
+    their bounds, ``options_model``), no other keys."""
+    schema.pop("additionalProperties", None)
+    schema["properties"] = {
+        name: {k: v for k, v in options_model(name).model_json_schema().items() if k != "title"}
+        for name in sorted(SEARCHERS)
+    }
+    schema["additionalProperties"] = False
+
+
+def check_options(name: str, options: Any) -> dict[str, Any]:
+    """``search.options.<name>`` checked against the searcher's schema (types and bounds):
+    the validated options, or a :class:`ConfigError` naming the field."""
+    if name not in SEARCHERS:
+        raise ConfigError(
+            f"search.options: unknown searcher {name!r}; choose from {sorted(SEARCHERS)}"
+        )
+    if not isinstance(options, dict):
+        raise ConfigError(f"search.options.{name} must be a mapping of option names to values")
+    try:
+        checked = options_model(name).model_validate(options)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        known = sorted(get_searcher(name).defaults)
+        hint = f"; known: {known}" if first["type"] == "extra_forbidden" else ""
+        raise ConfigError(f"search.options.{name}.{where}: {first['msg']}{hint}") from None
+    return checked.model_dump(exclude_unset=True)
+
+
 def experiment_config(
     source: ExperimentConfig | dict[str, Any] | str | Path | None = None,
     overrides: Sequence[str] = (),
 ) -> ExperimentConfig:
     """Validated experiment config from a YAML path, a dict, a config or nothing (defaults)."""
     cfg = validated(ExperimentConfig, source, overrides)
-    for name, options in cfg.search.options.items():
-        cls = get_searcher(name)
+    options = {name: check_options(name, o) for name, o in cfg.search.options.items()}
+    cfg.search.options = options
+    for name in options:
         seeds_for(cfg.search, name)
-        unknown = sorted(set(options) - set(cls.defaults) - set(PER_SEARCHER))
-        if unknown:
-            raise ConfigError(
-                f"search.options.{name}: unknown option(s) {unknown}; known: {sorted(cls.defaults)}"
-            )
     return cfg
 
 

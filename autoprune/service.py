@@ -17,6 +17,7 @@ zoo models and uploaded checkpoints only: never import strings, server file path
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import io
@@ -35,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import torch
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -43,15 +45,18 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
 from autoprune.agents import get_searcher
-from autoprune.config import ConfigError
+from autoprune.budget import Budget
+from autoprune.config import ConfigError, DataConfig
 from autoprune.experiment import (
     ExperimentConfig,
     Hooks,
     _evaluations_for,
+    check_options,
     experiment_config,
     run_experiment,
     seeds_for,
 )
+from autoprune.limits import BODY_LIMITS, OPTION_LIMITS, Limits
 from autoprune.models import MODELS, build_model, state_dict_mismatch
 from autoprune.parallel import init_ray
 from autoprune.tracking import Tracker, TrackingError
@@ -78,11 +83,7 @@ class Settings(BaseModel):
     experiment: str = "service"
     ray_address: str | None = None
     max_concurrent: int = Field(default=2, ge=0, description="Searches running at once.")
-    max_evaluations: int = Field(default=2000, ge=1)
-    max_workers: int = Field(default=2, ge=1)
-    max_searches_per_request: int = Field(default=12, ge=1, description="searchers x seeds")
-    max_train_epochs: int = Field(default=100, ge=1)
-    max_upload_bytes: int = Field(default=64 * 1024**2, ge=1)
+    limits: Limits = Field(default_factory=Limits, description="What one request may cost.")
     state_dir: Path = Path(".autoprune") / "service"
     http_nice: int = Field(
         default=10, ge=0, le=19, description="CPU niceness of the HTTP thread vs the searches."
@@ -362,13 +363,25 @@ class JobManager:
         if outcome[0] == "finished":
             self._set_state(job, "finished")
         elif outcome[0] == "stopped" and job.stop == "cancel":
+            self.close_runs(job.id, "KILLED")
             self._set_state(job, "cancelled")
         elif outcome[0] == "stopped":  # shutdown: the tag stays "running", read as interrupted
+            self.close_runs(job.id, "KILLED")
             job.state = "interrupted"
         else:
             job.error = str(outcome[1])
             self.tracker.client.set_tag(job.id, ERROR_TAG, job.error)
+            self.close_runs(job.id, "FAILED")
             self._set_state(job, "failed")
+
+    def close_runs(self, run_id: str, status: str) -> None:
+        """End a launch's MLflow runs that its process left ``RUNNING`` (killed, or stopped
+        before it could end them): its searches, then the launch itself."""
+        for child in self.tracker.child_runs(run_id):
+            if child["status"] == "RUNNING":
+                self.tracker.client.set_terminated(child["run_id"], status)
+        if self.tracker.get_run(run_id).info.status == "RUNNING":
+            self.tracker.client.set_terminated(run_id, status)
 
     def _set_state(self, job: Job, state: str) -> None:
         # The record first: a status read between the two (job no longer live, tag not yet
@@ -378,6 +391,42 @@ class JobManager:
 
 
 # ------------------------------------------------------------------ the app
+
+
+def _structure(cfg: ExperimentConfig) -> tuple[int, tuple[bool, str]]:
+    """The number of units of the request's model and whether its budget is reachable there
+    (FLOPs and params are properties of the structure alone; a latency budget needs the
+    measured table and is checked when the search starts)."""
+    key = json.dumps(
+        [cfg.model.name, cfg.data.model_dump(mode="json"), cfg.granularity, cfg.max_ratio,
+         cfg.round_to, cfg.nm.m, cfg.model.classifier, list(cfg.ignore)]
+    )  # fmt: skip
+    units, space = _space(key)
+    budget = Budget.parse(cfg.search.budget)
+    metrics = [m for m in budget.metrics if m != "latency"]
+    if not metrics:
+        return units, (True, "")
+    partial = Budget({m: budget.limits[m] for m in metrics})
+    try:
+        partial.check_reachable(space.cost_ratios, np.full(units, space.max_ratio))
+    except ValueError as err:
+        return units, (False, str(err))
+    return units, (True, "")
+
+
+@functools.lru_cache(maxsize=32)
+def _space(key: str) -> tuple[int, Any]:
+    from autoprune.data import load_data
+    from autoprune.space import PruningSpace
+
+    name, data_cfg, granularity, max_ratio, round_to, m, classifier, ignore = json.loads(key)
+    data = load_data(DataConfig.model_validate(data_cfg))
+    model = build_model(name, data.in_channels, data.num_classes)
+    space = PruningSpace(
+        model, data.input_shape, granularity, max_ratio=max_ratio, round_to=round_to, nm_m=m,
+        classifier=classifier, ignore=ignore,
+    )  # fmt: skip
+    return len(space), space
 
 
 def _unprocessable(loc: list[str | int], msg: str) -> RequestValidationError:
@@ -397,7 +446,7 @@ class Service:
             import ray
 
             cores = os.cpu_count() or 1
-            init_ray(max(cores, settings.max_workers), settings.ray_address)
+            init_ray(max(cores, settings.limits.workers), settings.ray_address)
             address = address or ray.get_runtime_context().gcs_address
         self.jobs = JobManager(settings, self.tracker, start=start_jobs, ray_address=address)
         self._terminal: dict[str, SearchStatus] = {}
@@ -433,19 +482,6 @@ class Service:
             raise _unprocessable(["search", "ray_address"], "the service chooses where Ray runs")
         if body.tracking.uri is not None or body.tracking.experiment != "autoprune":
             raise _unprocessable(["tracking"], "the service chooses the tracking store")
-        if body.train.epochs > s.max_train_epochs:
-            raise _unprocessable(["train", "epochs"], f"at most {s.max_train_epochs}")
-        if body.search.evaluations is not None and body.search.evaluations > s.max_evaluations:
-            raise _unprocessable(["search", "evaluations"], f"at most {s.max_evaluations}")
-        if body.search.workers > s.max_workers:
-            raise _unprocessable(["search", "workers"], f"at most {s.max_workers}")
-        searches = sum(len(seeds_for(body.search, n)) for n in body.search.searchers)
-        if searches > s.max_searches_per_request:
-            raise _unprocessable(
-                ["search"], f"at most {s.max_searches_per_request} searchers x seeds"
-            )
-        if kind == "comparison" and len(set(body.search.searchers)) < 2:
-            raise _unprocessable(["search", "searchers"], "a comparison needs two searchers")
         for name, options in body.search.options.items():
             for option in sorted(set(options) & FILE_OPTIONS):
                 # A file named by a request would be read (warm_start: unpickled by SB3) or
@@ -453,17 +489,21 @@ class Service:
                 raise _unprocessable(
                     ["search", "options", name, option], "file paths are not accepted"
                 )
-        try:
-            experiment_config(body.model_dump())  # per-searcher options
-        except ConfigError as err:
-            raise _unprocessable(["search", "options"], str(err)) from None
         for name, options in body.search.options.items():
-            n = options.get("evaluations")
-            if n is not None and (not isinstance(n, int) or not 1 <= n <= s.max_evaluations):
-                raise _unprocessable(
-                    ["search", "options", name, "evaluations"],
-                    f"an integer in [1, {s.max_evaluations}]",
-                )
+            try:
+                check_options(name, options)  # the searcher's schema: types and bounds
+            except ConfigError as err:
+                where, _, msg = str(err).partition(": ")
+                loc = [int(p) if p.isdigit() else p for p in where.split(".")]
+                raise _unprocessable(loc, msg) from None
+        try:
+            cfg = experiment_config(body.model_dump())
+        except ConfigError as err:
+            raise _unprocessable(["search"], str(err)) from None
+        self._check_limits(cfg)
+        if kind == "comparison" and len(set(body.search.searchers)) < 2:
+            raise _unprocessable(["search", "searchers"], "a comparison needs two searchers")
+        self._check_runnable(cfg)
         data = body.model_dump()
         if checkpoint is not None:
             data["model"]["checkpoint"] = str(self.checkpoints / f"{checkpoint}.pt")
@@ -474,6 +514,85 @@ class Service:
         data["search"]["worker_threads"] = 1
         data["search"]["ray_address"] = s.ray_address
         return experiment_config(data)
+
+    def _check_limits(self, cfg: ExperimentConfig) -> None:
+        """Every size a request can set, against the service's limits (``Limits``)."""
+        limits = self.settings.limits
+        data = cfg.model_dump()
+
+        def check(loc: list[str | int], value: Any, limit: str) -> None:
+            bound = getattr(limits, limit)
+            if isinstance(value, list):
+                if limit == "grid_points":
+                    check(loc, len(value), limit)
+                    return
+                for i, item in enumerate(value):
+                    check([*loc, i], item, limit)
+            elif isinstance(value, int | float) and not isinstance(value, bool) and value > bound:
+                raise _unprocessable(loc, f"at most {bound} (the service's {limit} limit)")
+
+        for path, limit in BODY_LIMITS:
+            value: Any = data
+            for key in path:
+                value = value.get(key) if isinstance(value, dict) else None
+            if value is not None:
+                check(list(path), value, limit)
+        for name, options in cfg.search.options.items():
+            for key, value in options.items():
+                if key in OPTION_LIMITS and value is not None:
+                    check(["search", "options", name, key], value, OPTION_LIMITS[key])
+        searches = sum(len(seeds_for(cfg.search, n)) for n in cfg.search.searchers)
+        if searches > limits.searches:
+            raise _unprocessable(["search"], f"at most {limits.searches} searchers x seeds")
+        total = requested(cfg)
+        if total is not None and total > limits.total_evaluations:
+            raise _unprocessable(
+                ["search"], f"{total} evaluations in all; at most {limits.total_evaluations}"
+            )
+
+    def _check_runnable(self, cfg: ExperimentConfig) -> None:
+        """What would only fail after launch, checked before 202: the device, searchers that
+        need channel granularity, ddpg's warm-up against its episodes, the budget's
+        reachability on the model and sensitivity's scan against its evaluations."""
+        devices: list[tuple[list[str | int], str]] = [(["device"], cfg.device)]
+        if "ddpg" in cfg.search.searchers:
+            ddpg = cfg.search.options.get("ddpg", {})
+            devices.append((["search", "options", "ddpg", "device"], ddpg.get("device", "cpu")))
+        for loc, device in devices:
+            if device == "cuda" and not torch.cuda.is_available():
+                raise _unprocessable(loc, "this service has no CUDA device (use cpu or auto)")
+        for name in cfg.search.searchers:
+            cls = get_searcher(name)
+            if cls.channel_only and cfg.granularity != "channel":
+                raise _unprocessable(
+                    ["search", "searchers"],
+                    f"{name} supports channel granularity only, not {cfg.granularity!r}",
+                )
+        if "ddpg" in cfg.search.searchers:
+            options = cfg.search.options.get("ddpg", {})
+            warmup = int(options.get("warmup_episodes", get_searcher("ddpg").defaults[
+                "warmup_episodes"]))  # fmt: skip
+            episodes = _evaluations_for(cfg.search, "ddpg")
+            if episodes is not None and warmup >= episodes:
+                raise _unprocessable(
+                    ["search", "options", "ddpg", "warmup_episodes"],
+                    f"the warm-up of {warmup} episodes must be below ddpg's {episodes} evaluations",
+                )
+        units, reachable = _structure(cfg)
+        if not reachable[0]:
+            raise _unprocessable(["search", "budget"], reachable[1])
+        if "sensitivity" in cfg.search.searchers:
+            grid = cfg.search.options.get("sensitivity", {}).get(
+                "grid", get_searcher("sensitivity").defaults["grid"]
+            )
+            needed = units * len(grid) + 2
+            limit = _evaluations_for(cfg.search, "sensitivity")
+            if limit is not None and limit < needed:
+                raise _unprocessable(
+                    ["search", "evaluations"],
+                    f"sensitivity needs {needed} evaluations ({units} units x {len(grid)} grid "
+                    f"ratios + 2), got {limit}",
+                )
 
     def launch(self, body: ExperimentConfig, kind: str) -> Accepted:
         job = self.jobs.submit(self.validate(body, kind), kind)
@@ -615,7 +734,13 @@ class Service:
         return Accepted(id=job.id, state=job.state)
 
     def _requeue(self) -> None:
-        """After a restart: launches still queued are queued again."""
+        """After a restart: launches that were running are ended ``KILLED`` in MLflow (their
+        state stays ``interrupted``, resumable); launches still queued are queued again."""
+        running = self.tracker._search(
+            str(self.tracker.experiment_id), f"tags.`{STATE_TAG}` = 'running'"
+        )
+        for run in running:
+            self.jobs.close_runs(run.info.run_id, "KILLED")
         runs = self.tracker._search(
             str(self.tracker.experiment_id), f"tags.`{STATE_TAG}` = 'queued'"
         )
@@ -633,7 +758,7 @@ class Service:
     async def upload(self, request: Request, model: str) -> Checkpoint:
         if model not in MODELS:
             raise HTTPException(422, f"unknown zoo model {model!r}; choose from {sorted(MODELS)}")
-        limit = self.settings.max_upload_bytes
+        limit = self.settings.limits.upload_mb * 1024**2
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise HTTPException(413, f"checkpoint larger than {limit} bytes")
@@ -666,6 +791,111 @@ class Service:
 
 
 _BEARER = HTTPBearer(auto_error=False)
+PUBLIC = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> float:
+    raise _NonFinite(name)
+
+
+def _host_name(host: str) -> str:
+    """The name in a ``Host`` header, without its port (``[::1]:8080`` -> ``::1``)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class RequestGuard:
+    """ASGI middleware: what is checked before a request body is read or parsed.
+
+    1. Without a token (loopback only), the ``Host`` header must name loopback: a web page
+       elsewhere cannot reach the service through DNS rebinding.
+    2. Every path but the public ones needs the bearer token: a request without it gets 401
+       before a byte of its body is read.
+    3. Bodies are limited (``limits.body_kb`` for JSON, ``limits.upload_mb`` for checkpoint
+       uploads): a declared length above the limit gets 413 at once; a JSON body is read up to
+       the limit and no further.
+    4. JSON bodies with non-finite numbers (``NaN``, ``Infinity``) get 422.
+    """
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        token = self.settings.token
+        if not token and _host_name(headers.get("host", "")) not in LOOPBACK_NAMES:
+            await _reply(send, 400, "the Host header must name this machine (loopback)")
+            return
+        path = scope.get("path", "")
+        if token and path not in PUBLIC:
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), token.encode()
+            ):
+                await _reply(send, 401, "missing or wrong bearer token",
+                             [(b"www-authenticate", b"Bearer")])  # fmt: skip
+                return
+        limits = self.settings.limits
+        upload = path == f"{API}/checkpoints"
+        limit = limits.upload_mb * 1024**2 if upload else limits.body_kb * 1024
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            await _reply(send, 413, f"request body larger than {limit} bytes")
+            return
+        if upload or scope.get("method") in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            await self.app(scope, receive, send)  # the upload streams and counts for itself
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body.extend(message.get("body", b""))
+            if len(body) > limit:
+                await _reply(send, 413, f"request body larger than {limit} bytes")
+                return
+            if not message.get("more_body", False):
+                break
+        if "json" in headers.get("content-type", "") and body:
+            try:
+                json.loads(bytes(body), parse_constant=_refuse_constant)
+            except _NonFinite as bad:
+                msg = f"non-finite number {bad} is not accepted"
+                await _reply(send, 422, [{"loc": ["body"], "type": "value_error", "msg": msg}])
+                return
+            except ValueError:
+                pass  # malformed JSON: FastAPI answers 422 with where it failed
+        sent = False
+
+        async def replay() -> Any:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _reply(
+    send: Any, status: int, detail: Any, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    payload = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(payload)).encode()), *(extra or [])]  # fmt: skip
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
 
 
 def _authorize(
@@ -701,6 +931,7 @@ def create_app(settings: Settings, start_jobs: bool = True) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service = service
+    app.add_middleware(RequestGuard, settings=settings)
     auth = [Depends(_authorize)]
     errors: dict[int | str, dict[str, Any]] = {
         401: {"description": "Missing or wrong bearer token"},

@@ -18,6 +18,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import checks
 
+from autoprune.limits import Limits
 from autoprune.service import Settings, create_app
 
 TOKEN = "test-token-123"
@@ -208,7 +209,7 @@ def app(tmp_path_factory, ray_session):
             tracking_uri=f"sqlite:///{folder}/mlflow.db",
             state_dir=folder / "state",
             max_concurrent=1,
-            max_workers=1,
+            limits=Limits(workers=1),
         )
     )
 

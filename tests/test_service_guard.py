@@ -1,0 +1,260 @@
+"""The service's defences, in process (no searches run): authentication before the body is read,
+body limits, non-finite numbers, typed and bounded options, validation before launch, the Host
+header without a token, and launches on the service's own Ray with no run left RUNNING."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from autoprune.limits import Limits
+from autoprune.service import JobManager, Settings, create_app
+
+TOKEN = "guard-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _app(folder: Path, **settings: Any):
+    base = {"token": TOKEN, "tracking_uri": f"sqlite:///{folder}/mlflow.db",
+            "state_dir": folder / "state"}  # fmt: skip
+    return create_app(Settings(**{**base, **settings}), start_jobs=False)
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    app = _app(tmp_path_factory.mktemp("guard"), limits=Limits(body_kb=64))
+    with TestClient(app) as c:
+        yield c
+
+
+def _asgi(guard, body_bytes: int, headers: dict[str, str], chunk: int = 8192):
+    """Drive the guard as a server would: the body arrives in chunks; returns the status sent
+    and how many bytes of the body were pulled, and whether the app behind it was reached."""
+    import asyncio
+
+    pulled = 0
+    sent: list[dict] = []
+
+    async def receive():
+        nonlocal pulled
+        size = min(chunk, body_bytes - pulled)
+        pulled += size
+        return {"type": "http.request", "body": b" " * size, "more_body": pulled < body_bytes}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/searches",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}  # fmt: skip
+    asyncio.run(guard(scope, receive, send))
+    return sent[0]["status"] if sent else None, pulled
+
+
+def test_authentication_and_size_come_before_the_body(tmp_path):
+    from autoprune.service import RequestGuard
+
+    reached = []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+
+    settings = Settings(token=TOKEN, limits=Limits(body_kb=64))
+    guard = RequestGuard(app, settings)
+    json_type = {"content-type": "application/json", "host": "127.0.0.1"}
+    # no token: 401 before a byte of a 40 MB body is read
+    assert _asgi(guard, 40 * 1024**2, json_type) == (401, 0)
+    # a token and a declared length over the limit: 413, nothing read
+    declared = {**json_type, **AUTH, "content-length": str(40 * 1024**2)}
+    assert _asgi(guard, 40 * 1024**2, declared) == (413, 0)
+    # a token and no declared length: read up to the limit, then 413
+    status, pulled = _asgi(guard, 40 * 1024**2, {**json_type, **AUTH})
+    assert status == 413 and pulled <= 64 * 1024 + 8192
+    assert not reached
+    # within the limit: passed on whole
+    assert _asgi(guard, 1000, {**json_type, **AUTH}) == (None, 1000)
+    assert reached == ["/v1/searches"]
+
+
+def test_no_token_gets_401_and_nothing_is_parsed(client):
+    malformed = client.post("/v1/searches", content=b"{not json",
+                            headers={"Content-Type": "application/json"})  # fmt: skip
+    assert malformed.status_code == 401  # not 422: nothing is parsed for a stranger
+    big = client.post("/v1/searches", content=b" " * (1024**2),
+                      headers={"Content-Type": "application/json"})  # fmt: skip
+    assert big.status_code == 401
+
+
+def test_an_oversized_body_gets_413(client):
+    r = client.post("/v1/searches", content=b" " * (65 * 1024),
+                    headers={**AUTH, "Content-Type": "application/json"})  # fmt: skip
+    assert r.status_code == 413
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_refused(client, constant: str):
+    text = '{"search": {"options": {"ddpg": {"sigma": CONSTANT}}}}'.replace("CONSTANT", constant)
+    r = client.post("/v1/searches", content=text.encode(),
+                    headers={**AUTH, "Content-Type": "application/json"})  # fmt: skip
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["body"] and constant.lstrip("-") in r.text
+
+
+@pytest.mark.parametrize(
+    ("body", "loc"),
+    [
+        ({"search": {"finetune_epochs": 10**9}}, ["search", "finetune_epochs"]),
+        ({"search": {"searchers": ["ddpg"], "evaluations": 200,
+                     "options": {"ddpg": {"net_arch": [100000, 100000]}}}},
+         ["search", "options", "ddpg", "net_arch", 0]),
+        ({"search": {"searchers": ["ddpg"], "evaluations": 200,
+                     "options": {"ddpg": {"buffer_size": 10**12}}}},
+         ["search", "options", "ddpg", "buffer_size"]),
+        ({"search": {"searchers": ["netadapt"], "options": {"netadapt": {"finetune_batches":
+                                                                       10**9}}}},
+         ["search", "options", "netadapt", "finetune_batches"]),
+        ({"eval": {"bn_batches": 10**9}}, ["eval", "bn_batches"]),
+        ({"threads": 10**6}, ["threads"]),
+        ({"search": {"searchers": ["random", "evolution"], "evaluations": 2000,
+                     "seeds": list(range(6))}}, ["search"]),
+        ({"search": {"searchers": ["evolution"], "evaluations": 100,
+                     "options": {"evolution": {"population": 5000}}}},
+         ["search", "options", "evolution", "population"]),
+    ],
+)  # fmt: skip
+def test_every_cost_a_request_sets_is_bounded(client, body: dict, loc: list):
+    r = client.post("/v1/searches", json=body, headers=AUTH)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"][1:] == loc, r.json()
+
+
+@pytest.mark.parametrize(
+    ("options", "loc"),
+    [
+        ({"random": {"seeds": "abc"}}, ["search", "options", "random", "seeds"]),
+        ({"random": {"seeds": []}}, ["search", "options", "random", "seeds"]),
+        ({"bogus": {}}, ["search", "options"]),
+        ({"ddpg": {"algo": "sac"}}, ["search", "options", "ddpg", "algo"]),
+        ({"ddpg": {"sigma": None}}, ["search", "options", "ddpg", "sigma"]),
+        ({"ddpg": {"nope": 1}}, ["search", "options", "ddpg", "nope"]),
+    ],
+)
+def test_former_server_errors_are_422_with_the_field(client, options: dict, loc: list):
+    r = client.post("/v1/searches", json={"search": {"options": options}}, headers=AUTH)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"][1:] == loc, r.json()
+
+
+@pytest.mark.parametrize(
+    ("body", "loc", "words"),
+    [
+        ({"search": {"searchers": ["ddpg"], "evaluations": 50}},
+         ["search", "options", "ddpg", "warmup_episodes"], "warm-up of 100"),
+        ({"granularity": "fine", "criterion": "magnitude",
+          "search": {"searchers": ["netadapt"]}}, ["search", "searchers"], "channel"),
+        ({"search": {"budget": "flops=0.01", "searchers": ["uniform"]}}, ["search", "budget"],
+         "unreachable"),
+        ({"search": {"searchers": ["sensitivity"], "evaluations": 10}},
+         ["search", "evaluations"], "sensitivity needs 50"),
+    ],
+)  # fmt: skip
+def test_what_would_fail_after_launch_is_refused_before_it(client, body, loc, words):
+    r = client.post("/v1/searches", json=body, headers=AUTH)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"][0]
+    assert detail["loc"][1:] == loc and words in detail["msg"], detail
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_is_refused_where_there_is_none(client):
+    r = client.post("/v1/searches", json={"device": "cuda"}, headers=AUTH)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "device"]
+
+
+def test_a_valid_request_is_still_accepted(client):
+    body = {"search": {"searchers": ["random", "evolution"], "evaluations": 30,
+                       "options": {"evolution": {"population": 10, "parents": 3}}}}  # fmt: skip
+    r = client.post("/v1/searches", json=body, headers=AUTH)
+    assert r.status_code == 202, r.text
+
+
+def test_options_are_typed_in_the_openapi_schema(client):
+    schema = client.get("/openapi.json").json()
+    options = schema["components"]["schemas"]["SearchConfig"]["properties"]["options"]
+    assert options["additionalProperties"] is False
+    ddpg = options["properties"]["ddpg"]["properties"]
+    assert ddpg["buffer_size"]["maximum"] == 10_000_000
+    assert set(options["properties"]) >= {"ddpg", "evolution", "netadapt", "random"}
+
+
+def test_without_a_token_the_host_header_must_be_loopback(tmp_path):
+    app = _app(tmp_path, token=None)
+    with TestClient(app, base_url="http://127.0.0.1:8080") as local:
+        assert local.get("/v1/searches").status_code == 200
+    with TestClient(app, base_url="http://evil.example:8080") as rebound:
+        r = rebound.get("/v1/searches")
+        assert r.status_code == 400 and "Host" in r.json()["detail"]
+    with TestClient(app, base_url="http://[::1]:8080") as v6:
+        assert v6.get("/health").status_code == 200
+
+
+class _FakeContext:
+    """Stands in for multiprocessing's spawn context: records the launch config, then reports
+    the launch stopped without it ending its runs (a cancel that lands during start-up)."""
+
+    def __init__(self, seen: list) -> None:
+        self.seen = seen
+
+    def Pipe(self, duplex: bool = False):
+        import multiprocessing
+
+        return multiprocessing.Pipe(duplex=duplex)
+
+    def Process(self, target, args, name):
+        config, _run_id, sender = args
+        self.seen.append(config)
+        sender.send(("stopped", None))
+
+        class Done:
+            pid = None
+            exitcode = 0
+
+            def start(self) -> None: ...
+
+            def is_alive(self) -> bool:
+                return False
+
+            def join(self, timeout: float | None = None) -> None: ...
+
+        return Done()
+
+
+def test_resumed_launches_use_the_service_ray_and_leave_no_run_running(tmp_path, monkeypatch):
+    import multiprocessing
+
+    from autoprune.experiment import experiment_config
+    from autoprune.tracking import Tracker
+
+    seen: list[dict] = []
+    monkeypatch.setattr(multiprocessing, "get_context", lambda _kind: _FakeContext(seen))
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "service")
+    settings = Settings(tracking_uri=tracker.uri, state_dir=tmp_path / "state")
+    jobs = JobManager(settings, tracker, start=False, ray_address="127.0.0.1:6390")
+    cfg = experiment_config({"search": {"searchers": ["random"], "evaluations": 5}})
+    job = jobs.submit(cfg, "search")  # the parent run exists, RUNNING, as a launch leaves it
+    child = tracker.client.create_run(
+        tracker.experiment_id, tags={"mlflow.parentRunId": job.id, "autoprune.kind": "search",
+                                     "autoprune.searcher": "random", "autoprune.seed": "0"}
+    ).info.run_id  # fmt: skip
+    job.stop = "cancel"
+    jobs._run(job, resume=True)
+    assert seen[0]["search"]["ray_address"] == "127.0.0.1:6390"
+    assert job.state == "cancelled"
+    assert tracker.get_run(job.id).info.status == "KILLED"
+    assert tracker.client.get_run(child).info.status == "KILLED"
+    resumed = jobs.resume(job.id, "search", experiment_config(tracker.config_of(job.id)))
+    jobs._run(resumed, resume=True)  # a resume, from the recorded config: the same Ray
+    assert seen[1]["search"]["ray_address"] == "127.0.0.1:6390"
