@@ -182,10 +182,25 @@ def apply(
     """
     from autoprune.policy import Policy
 
+    _writable(out, "--out")
     pol = Policy.load(policy)
     task = _task(config, overrides)
     pol.check(task)
     _apply_and_report(task, pol, out, finetune_epochs, steps, lr, policy_path=policy)
+
+
+def _writable(path: Path | None, option: str) -> None:
+    """Refuse an output path that cannot be written, before any search or training starts."""
+    if path is None:
+        return
+    if path.is_dir():
+        example = path / "pruned.pt"
+        raise ValueError(f"{option} {path} is a folder; give a file path, e.g. {example}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"{option} {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"{option} {path} is not writable")
 
 
 def _number(value: float) -> str:
@@ -491,6 +506,8 @@ def search(
       autoprune search --resume 3f2a... --evaluations 400
       autoprune search --searcher random --apply pruned.pt --apply-epochs 2
     """
+    _writable(out, "--out")
+    _writable(apply_to, "--apply")
     if resume is not None:
         cfg = _experiment_cfg(None, None, tracking_uri=tracking_uri)
         result = _run(cfg, resume=resume, evaluations=evaluations)
@@ -544,6 +561,8 @@ def compare(
             raise ValueError(f"experiment {name!r} has no recorded searches")
         console.print(_comparison_table(rows, f"recorded searches of {name!r}"))
         return
+    _writable(out, "--out")
+    _writable(apply_to, "--apply")
     names = [n for n in searchers.split(",") if n.strip()] if searchers is not None else None
     cfg = _experiment_cfg(
         config, overrides, names, budget, evaluations, workers, ray_address, tracking_uri,

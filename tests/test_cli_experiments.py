@@ -488,3 +488,17 @@ def test_help_has_an_example(command: str) -> None:
     assert result.exit_code == 0, result.output
     assert "Example" in result.output
     assert f"autoprune {command}" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--apply", "."], "--apply . is a folder"),
+        (["--apply", "missing/pruned.pt"], "folder missing does not exist"),
+        (["--out", "nowhere/best.json"], "folder nowhere does not exist"),
+    ],
+)
+def test_a_bad_output_path_is_refused_before_the_search(tmp_path: Path, args, words) -> None:
+    run = cli("search", "--searcher", "uniform", *args, cwd=tmp_path, timeout=60)
+    one_line_error(run, words)
+    assert not (tmp_path / "mlflow.db").exists()  # nothing ran, nothing was recorded
