@@ -147,14 +147,27 @@ class Searcher(ABC):
     option_types: ClassVar[dict[str, Any]] = {}
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
-        """Merge options into the searcher's defaults; unknown names are errors."""
+        """Merge options into the searcher's defaults, each checked against its type and bounds
+        (``option_types``); unknown names are errors."""
+        from autoprune.agents.registry import COMMON_OPTION_TYPES, options_model
+        from pydantic import ValidationError
+
         unknown = sorted(set(options) - set(self.defaults))
         if unknown:
             known = sorted(self.defaults) or "none"
             raise SearchError(
                 f"unknown option(s) {unknown} for searcher {self.name!r}; known: {known}"
             )
-        return {**self.defaults, **options}
+        given = {k: v for k, v in options.items() if k not in COMMON_OPTION_TYPES}
+        try:
+            checked = options_model(self.name).model_validate(given)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise SearchError(
+                f"{self.name} option {where}={first.get('input')!r}: {first['msg']}"
+            ) from None
+        return {**self.defaults, **checked.model_dump(exclude_unset=True)}
 
     # ------------------------------------------------------------ running
     def run(self) -> SearchResult:

@@ -34,8 +34,9 @@ import torch
 from autoprune.agents.base import Searcher, SearchError
 from autoprune.agents.registry import register
 from autoprune.envs import PruningEnv
+from autoprune.envs.rewards import REWARDS
 from gymnasium import spaces
-from pydantic import Field
+from pydantic import AfterValidator, Field, WithJsonSchema
 from scipy.stats import truncnorm
 from stable_baselines3 import DDPG, TD3
 from stable_baselines3.common.buffers import ReplayBuffer
@@ -215,6 +216,13 @@ def remote_env(
     return env
 
 
+def _reward_option(value: Any) -> Any:
+    """A registered reward's name (configs) or a callable (the Python API)."""
+    if callable(value) or value in REWARDS:
+        return value
+    raise ValueError(f"unknown reward {value!r}; choose from {sorted(REWARDS)} or a callable")
+
+
 @register
 class DDPGSearcher(Searcher):
     """The AMC agent. ``evaluations`` = episodes (one evaluation each)."""
@@ -242,10 +250,16 @@ class DDPGSearcher(Searcher):
         "warm_start": None,  # path of a saved agent to continue from
         "save_to": None,  # save the trained agent here
         "device": "cpu",
+        # Gradient steps per episode; None: one per layer (per transition), as AMC updates.
+        "gradient_steps": None,
     }
     option_types: ClassVar[dict[str, Any]] = {
         "algo": Literal["ddpg", "td3"],
-        "reward": str,
+        "reward": Annotated[
+            Any,
+            AfterValidator(_reward_option),
+            WithJsonSchema({"type": "string", "enum": sorted(REWARDS)}),
+        ],
         "warmup_episodes": Annotated[int, Field(ge=0, le=1_000_000)],
         "noise": Literal["truncated_normal", "normal", "none"],
         "sigma": Annotated[float, Field(ge=0, le=10)],
@@ -263,9 +277,10 @@ class DDPGSearcher(Searcher):
             list[Annotated[int, Field(ge=1, le=4096)]], Field(min_length=1, max_length=8)
         ],
         "buffer_size": Annotated[int, Field(ge=1, le=10_000_000)],
-        "warm_start": str | None,
-        "save_to": str | None,
+        "warm_start": str | Path | None,
+        "save_to": str | Path | None,
         "device": Literal["cpu", "cuda", "auto"],
+        "gradient_steps": Annotated[int, Field(ge=1, le=10_000)] | None,
     }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -311,7 +326,7 @@ class DDPGSearcher(Searcher):
             # One update round per episode. SB3 trains by episode with one env only; with several
             # (in lockstep, episodes of ``n`` steps) every ``n`` steps is the same thing.
             "train_freq": (1, "episode") if vec_env.num_envs == 1 else (n, "step"),
-            "gradient_steps": -1,
+            "gradient_steps": -1 if opts["gradient_steps"] is None else opts["gradient_steps"],
             "action_noise": self._noise(),
             "policy_kwargs": {"net_arch": list(opts["net_arch"])},
             "seed": self.seed,

@@ -57,29 +57,12 @@ class EvolutionSearcher(Searcher):
     }
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
-        o = super().check_options(options)
-        ints = ("population", "parents")
-        floats = ("crossover", "mutation_prob", "mutation_sigma")
-        for key in ints:
-            if isinstance(o[key], bool) or not isinstance(o[key], int):
-                raise SearchError(f"evolution option {key} must be an integer, got {o[key]!r}")
-        for key in floats:
-            if isinstance(o[key], bool) or not isinstance(o[key], int | float):
-                raise SearchError(f"evolution option {key} must be a number, got {o[key]!r}")
-            o[key] = float(o[key])
-        if o["population"] < 2:
-            raise SearchError(f"evolution population must be >= 2, got {o['population']}")
-        if not 1 <= o["parents"] <= o["population"]:
+        o = super().check_options(options)  # types and bounds: option_types
+        if o["parents"] > o["population"]:
             raise SearchError(
-                f"evolution parents must be in [1, population={o['population']}], "
-                f"got {o['parents']}"
+                f"evolution parents ({o['parents']}) cannot exceed the population "
+                f"({o['population']})"
             )
-        for key in ("crossover", "mutation_prob"):
-            if not 0.0 <= o[key] <= 1.0:
-                raise SearchError(f"evolution option {key} must be in [0, 1], got {o[key]}")
-        if not 0.0 < o["mutation_sigma"] <= 1.0:
-            sigma = o["mutation_sigma"]
-            raise SearchError(f"evolution mutation_sigma must be in (0, 1], got {sigma}")
         return o
 
     # ------------------------------------------------------------ the search

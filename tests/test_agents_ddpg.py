@@ -88,3 +88,34 @@ def test_episode_credit_buffer_credits_every_step():
         buf.add(obs, obs, np.zeros((1, 1)), reward, np.array([t == 2]), [{}])
     assert buf.size() == 3
     assert np.allclose(buf.rewards[:3, 0], 0.7) and buf.dones[:3, 0].all()
+
+
+def test_gradient_steps_per_episode(default_task):
+    """AMC's one update per transition (12 units: 12 per learned episode), or a fixed count."""
+    from autoprune.agents.ddpg import DDPGSearcher
+
+    updates = {}
+    for steps in (None, 1, 3):
+        searcher = DDPGSearcher(default_task, "flops=0.5", 0, 6, warmup_episodes=2,
+                                gradient_steps=steps)  # fmt: skip
+        searcher.run()
+        assert searcher.model is not None
+        updates[steps] = searcher.model._n_updates
+    rounds = updates[1]  # one training round per learned episode
+    assert rounds >= 3
+    assert updates == {None: 12 * rounds, 1: rounds, 3: 3 * rounds}
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"gradient_steps": 0}, "gradient_steps=0: Input should be greater than or equal to 1"),
+        ({"gradient_steps": "many"}, "gradient_steps='many': Input should be a valid integer"),
+        ({"reward": "bogus"}, "unknown reward 'bogus'"),
+        ({"net_arch": [64, 0]}, "net_arch.1=0"),
+        ({"algo": "sac"}, "algo='sac': Input should be 'ddpg' or 'td3'"),
+    ],
+)
+def test_malformed_options_are_refused_clearly(default_task, options, words):
+    with pytest.raises(SearchError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        search("ddpg", default_task, "flops=0.5", evaluations=6, warmup_episodes=2, **options)

@@ -92,13 +92,13 @@ def test_crossover_and_mutation(default_task: Task) -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"population": 1}, "population must be >= 2"),
-        ({"parents": 0}, "parents must be in"),
-        ({"population": 4, "parents": 5}, "parents must be in"),
-        ({"crossover": 1.5}, "crossover must be in"),
-        ({"mutation_sigma": 0}, "mutation_sigma must be in"),
-        ({"population": "ten"}, "population must be an integer"),
-        ({"mutation_prob": "high"}, "mutation_prob must be a number"),
+        ({"population": 1}, "population=1: Input should be greater than or equal to 2"),
+        ({"parents": 0}, "parents=0: Input should be greater than or equal to 1"),
+        ({"population": 4, "parents": 5}, r"parents \(5\) cannot exceed the population \(4\)"),
+        ({"crossover": 1.5}, "crossover=1.5: Input should be less than or equal to 1"),
+        ({"mutation_sigma": 0}, "mutation_sigma=0: Input should be greater than 0"),
+        ({"population": "ten"}, "population='ten': Input should be a valid integer"),
+        ({"mutation_prob": "high"}, "mutation_prob='high': Input should be a valid number"),
         ({"elitism": True}, "unknown option"),
     ],
 )
