@@ -414,6 +414,9 @@ def run_experiment(
     except KeyboardInterrupt:
         tracker.mark(parent, "KILLED")
         raise Interrupted(parent) from None
+    except SystemExit:  # asked to exit (e.g. SIGTERM through Ray's handler): resumable
+        tracker.mark(parent, "KILLED")
+        raise
     except BaseException:
         tracker.mark(parent, "FAILED")
         raise
@@ -493,7 +496,7 @@ def _run_one(
     hooks.search_started(name, seed, evaluations, done)
     try:
         result = searcher.run()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or asked to exit: resumable
         tracker.mark(run_id, "KILLED")
         raise
     except BaseException:

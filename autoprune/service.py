@@ -244,8 +244,9 @@ def _job_process(config: dict[str, Any], run_id: str, conn: Any) -> None:
         run_experiment(
             ExperimentConfig.model_validate(config), resume=run_id, hooks=_PipeHooks(conn)
         )
-    except KeyboardInterrupt:
-        conn.send(("stopped", None))
+    except (KeyboardInterrupt, SystemExit):  # cancel, shutdown, or SIGTERM (Ray's handler)
+        with contextlib.suppress(OSError):
+            conn.send(("stopped", None))
     except Exception as exc:  # reported to the service, which marks the launch failed
         conn.send(("failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:500]))
     else:
