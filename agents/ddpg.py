@@ -82,7 +82,37 @@ def _noises(noise: ActionNoise | None) -> list[ActionNoise]:
     return [noise]
 
 
-class EpisodeCreditBuffer(ReplayBuffer):
+class AppliedActionBuffer(ReplayBuffer):
+    """A replay buffer that stores the action the environment applied (after AMC's budget
+    clipping, ``info["ratio"]``), not the one the agent proposed: the critic then learns the
+    value of actions that were taken. ``max_ratio=None`` stores the proposed actions."""
+
+    def __init__(self, *args: Any, max_ratio: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_ratio = max_ratio
+
+    def applied(self, action: np.ndarray, infos: list[dict[str, Any]]) -> np.ndarray:
+        action = np.array(action, dtype=np.float32).reshape(len(infos), -1)
+        if self.max_ratio is None:
+            return action
+        for i, info in enumerate(infos):
+            if "ratio" in info:  # the env's inverse map: ratio = (a + 1) / 2 * max_ratio
+                action[i, 0] = 2.0 * float(info["ratio"]) / self.max_ratio - 1.0
+        return action
+
+    def add(  # type: ignore[override]
+        self,
+        obs: np.ndarray,
+        next_obs: np.ndarray,
+        action: np.ndarray,
+        reward: np.ndarray,
+        done: np.ndarray,
+        infos: list[dict[str, Any]],
+    ) -> None:
+        super().add(obs, next_obs, self.applied(action, infos), reward, done, infos)
+
+
+class EpisodeCreditBuffer(AppliedActionBuffer):
     """A replay buffer that stores an episode's transitions when it ends, each with the episode's
     final reward minus a moving-average baseline (AMC). Storage is single-env internally, so any
     number of parallel environments works."""
@@ -98,11 +128,12 @@ class EpisodeCreditBuffer(ReplayBuffer):
         handle_timeout_termination: bool = True,
         baseline_alpha: float | None = 0.95,
         bootstrap: bool = False,
+        max_ratio: float | None = None,
     ) -> None:
         super().__init__(
             buffer_size, observation_space, action_space, device, n_envs=1,
             optimize_memory_usage=optimize_memory_usage,
-            handle_timeout_termination=handle_timeout_termination,
+            handle_timeout_termination=handle_timeout_termination, max_ratio=max_ratio,
         )  # fmt: skip
         self.parallel_envs = n_envs
         self.baseline_alpha = baseline_alpha
@@ -129,7 +160,7 @@ class EpisodeCreditBuffer(ReplayBuffer):
         done: np.ndarray,
         infos: list[dict[str, Any]],
     ) -> None:
-        action = np.asarray(action).reshape(len(done), -1)
+        action = self.applied(action, infos)
         for i in range(len(done)):
             self._pending[i].append((obs[i], next_obs[i], action[i], infos[i]))
             if not done[i]:
@@ -139,9 +170,10 @@ class EpisodeCreditBuffer(ReplayBuffer):
             for t, (o, o2, a, info) in enumerate(episode):
                 last = t == len(episode) - 1
                 terminal = last or not self.bootstrap
-                super().add(
-                    o[None], o2[None], a[None], np.array([credited]), np.array([terminal]), [info]
-                )
+                ReplayBuffer.add(
+                    self, o[None], o2[None], a[None], np.array([credited]), np.array([terminal]),
+                    [info],
+                )  # fmt: skip
 
 
 class AMCDDPG(DDPG):
@@ -252,6 +284,9 @@ class DDPGSearcher(Searcher):
         "device": "cpu",
         # Gradient steps per episode; None: one per layer (per transition), as AMC updates.
         "gradient_steps": None,
+        # Store the applied (budget-clipped) action in the replay buffer; False: the proposed
+        # one, as AMC's code does (its critic then learns from actions never taken).
+        "store_applied": True,
     }
     option_types: ClassVar[dict[str, Any]] = {
         "algo": Literal["ddpg", "td3"],
@@ -281,6 +316,7 @@ class DDPGSearcher(Searcher):
         "save_to": str | Path | None,
         "device": Literal["cpu", "cuda", "auto"],
         "gradient_steps": Annotated[int, Field(ge=1, le=10_000)] | None,
+        "store_applied": bool,
     }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -333,11 +369,15 @@ class DDPGSearcher(Searcher):
             "device": opts["device"],
             "verbose": 0,
         }
+        max_ratio = self.env.max_ratio if opts["store_applied"] else None
+        kwargs["replay_buffer_class"] = AppliedActionBuffer
+        kwargs["replay_buffer_kwargs"] = {"max_ratio": max_ratio}
         if opts["episode_credit"]:
             kwargs["replay_buffer_class"] = EpisodeCreditBuffer
             kwargs["replay_buffer_kwargs"] = {
                 "baseline_alpha": opts["baseline_alpha"] if opts["baseline"] else None,
                 "bootstrap": opts["bootstrap"],
+                "max_ratio": max_ratio,
             }
         if opts["warm_start"] is not None:
             cls = AMCDDPG if opts["algo"] == "ddpg" else TD3

@@ -119,3 +119,32 @@ def test_gradient_steps_per_episode(default_task):
 def test_malformed_options_are_refused_clearly(default_task, options, words):
     with pytest.raises(SearchError, match=words.replace("(", r"\(").replace(")", r"\)")):
         search("ddpg", default_task, "flops=0.5", evaluations=6, warmup_episodes=2, **options)
+
+
+@pytest.mark.parametrize("episode_credit", [True, False])
+def test_replay_buffer_holds_the_applied_actions(default_task, episode_credit):
+    """Under a tight budget AMC's clipping raises many proposed ratios: the buffer must hold the
+    actions the environment applied, not those the agent proposed (logged at the env here)."""
+    from autoprune.agents.ddpg import DDPGSearcher
+
+    searcher = DDPGSearcher(default_task, "flops=0.25", 0, 6, warmup_episodes=3,
+                            episode_credit=episode_credit)  # fmt: skip
+    env, steps = searcher.env, []
+    original = env.step
+
+    def logged(action):
+        out = original(action)
+        steps.append((float(np.asarray(action).reshape(-1)[0]), out[-1]["ratio"]))
+        return out
+
+    env.step = logged
+    searcher.run()
+    assert searcher.model is not None
+    buffer = searcher.model.replay_buffer
+    stored = buffer.actions[: buffer.pos, 0, 0]
+    assert len(stored) >= 4 * len(default_task.units)  # the transitions of the first episodes
+    max_ratio = env.max_ratio
+    proposed = np.array([a for a, _ in steps[: len(stored)]])
+    applied = np.array([2.0 * r / max_ratio - 1.0 for _, r in steps[: len(stored)]])
+    np.testing.assert_allclose(stored, applied, atol=1e-5)
+    assert np.abs(np.clip(proposed, -1, 1) - applied).max() > 0.1  # clipping moved some
