@@ -62,6 +62,25 @@ def cli(*args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProc
     )
 
 
+def cli_here(
+    *args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> subprocess.CompletedProcess[str]:
+    """The CLI's entry point in this process (for commands refused before any work: no
+    interpreter and imports to start): exit code, stdout and stderr as a subprocess gives them."""
+    from autoprune.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["autoprune", *args])
+    capfd.readouterr()
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(["autoprune", *args], code, out, err)
+
+
 def ok(run: subprocess.CompletedProcess[str]) -> str:
     assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr}"
     assert "Traceback" not in run.stderr
@@ -424,18 +443,22 @@ def test_interrupted_ddpg_search_resumes(tmp_path: Path) -> None:
     ids=["yaml", "config-keys", "model"],
 )
 def test_bad_input_is_a_one_line_error(
-    tmp_path: Path, args: tuple[str, ...], fragments: list[str]
+    tmp_path: Path, args: tuple[str, ...], fragments: list[str], monkeypatch, capfd
 ) -> None:
     """Refused before any work (the unknown searcher: see the unreachable server test)."""
     (tmp_path / "bad.yaml").write_text("model: [unclosed\nsearch:\n  budget: flops=0.5\n")
-    one_line_error(cli(*args, cwd=tmp_path), *fragments)
+    one_line_error(cli_here(*args, cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd),
+                   *fragments)  # fmt: skip
     assert not (tmp_path / "mlflow.db").exists()  # refused before anything was recorded
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_unreachable_budget_names_the_smallest_reachable(tmp_path: Path) -> None:
-    run = cli("search", "--searcher", "random", "--budget", "flops=0.01", "threads=1", cwd=tmp_path)
+def test_unreachable_budget_names_the_smallest_reachable(
+    tmp_path: Path, monkeypatch, capfd
+) -> None:
+    run = cli_here("search", "--searcher", "random", "--budget", "flops=0.01", "threads=1",
+                   cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)  # fmt: skip
     assert run.returncode == 2 and "Traceback" not in run.stderr
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "smallest reachable is flops=0.0" in errors[0]
@@ -469,13 +492,16 @@ def test_unreachable_tracking_server_fails_fast(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_apply_refuses_a_policy_of_another_model(tmp_path: Path, default_task) -> None:
+def test_apply_refuses_a_policy_of_another_model(
+    tmp_path: Path, default_task, monkeypatch, capfd
+) -> None:
     """A policy whose fingerprint comes from a plain20 task, applied to the resnet20 task."""
     checkpoint = tmp_path / "plain20.pt"
     torch.save(build_model("plain20", 1, 10).state_dict(), checkpoint)
     plain = build_task(overrides=["model.name=plain20", f"model.checkpoint={checkpoint}"])
     Policy.from_task(plain, {u: 0.25 for u in plain.units}).save(tmp_path / "plain20.json")
-    run = cli("apply", "--policy", "plain20.json", "--out", "x.pt", cwd=tmp_path)
+    run = cli_here("apply", "--policy", "plain20.json", "--out", "x.pt", cwd=tmp_path,
+                   monkeypatch=monkeypatch, capfd=capfd)  # fmt: skip
     one_line_error(run, "policy was made for model='plain20', but the task has model='resnet20'")
     assert not (tmp_path / "x.pt").exists()
 
@@ -498,7 +524,10 @@ def test_help_has_an_example(command: str) -> None:
         (["--out", "nowhere/best.json"], "folder nowhere does not exist"),
     ],
 )
-def test_a_bad_output_path_is_refused_before_the_search(tmp_path: Path, args, words) -> None:
-    run = cli("search", "--searcher", "uniform", *args, cwd=tmp_path, timeout=60)
+def test_a_bad_output_path_is_refused_before_the_search(
+    tmp_path: Path, args, words, monkeypatch, capfd
+) -> None:
+    run = cli_here("search", "--searcher", "uniform", *args, cwd=tmp_path,
+                   monkeypatch=monkeypatch, capfd=capfd)  # fmt: skip
     one_line_error(run, words)
     assert not (tmp_path / "mlflow.db").exists()  # nothing ran, nothing was recorded
