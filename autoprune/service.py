@@ -23,15 +23,11 @@ import hmac
 import io
 import ipaddress
 import json
-import multiprocessing
 import os
-import queue
-import signal
 import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -49,24 +45,22 @@ from autoprune.budget import Budget
 from autoprune.config import ConfigError, DataConfig
 from autoprune.experiment import (
     ExperimentConfig,
-    Hooks,
     _evaluations_for,
     check_options,
     experiment_config,
-    run_experiment,
     seeds_for,
 )
+from autoprune.guard import RequestGuard
+from autoprune.jobs import ERROR_TAG, KIND_TAG, LIVE, STATE_TAG, JobManager, requested
 from autoprune.limits import BODY_LIMITS, OPTION_LIMITS, Limits
 from autoprune.models import MODELS, build_model, state_dict_mismatch
 from autoprune.parallel import init_ray
 from autoprune.tracking import Tracker, TrackingError
 
 API = "/v1"
-KIND_TAG = "autoprune.service.kind"  # search | comparison
-STATE_TAG = "autoprune.service.state"  # queued | running | finished | failed | cancelled
-ERROR_TAG = "autoprune.service.error"
 CHECKPOINT_PREFIX = "ckpt-"
-LIVE = ("queued", "running")
+# Searcher options that name a file on the server: never from a request.
+FILE_OPTIONS = frozenset({"warm_start", "save_to"})
 
 
 class ServiceError(RuntimeError):
@@ -168,227 +162,6 @@ class Checkpoint(BaseModel):
 class Health(BaseModel):
     status: str
     version: str
-
-
-# ------------------------------------------------------------------ jobs
-
-
-@dataclass
-class Job:
-    id: str
-    kind: str
-    config: ExperimentConfig
-    state: str = "queued"
-    done: int = 0
-    best: float | None = None
-    cost: dict[str, float] | None = None
-    error: str | None = None
-    stop: str | None = None  # "cancel" | "shutdown"
-    requested: int | None = None
-
-
-# Searcher options that name a file on the server: never from a request.
-FILE_OPTIONS = frozenset({"warm_start", "save_to"})
-
-
-def requested(cfg: ExperimentConfig) -> int | None:
-    """Evaluations a launch asks for, when every searcher has a fixed count."""
-    total = 0
-    for name in cfg.search.searchers:
-        options = cfg.search.options.get(name, {})
-        fixed = get_searcher(name).fixed_evaluations
-        limit = _evaluations_for(cfg.search, name)
-        if fixed is not None and "evaluations" not in options:
-            n = fixed
-        elif limit is not None:
-            n = limit
-        else:
-            return None
-        total += n * len(seeds_for(cfg.search, name))
-    return total
-
-
-class _PipeHooks(Hooks):
-    """Progress of a launch, sent from its process to the service over a pipe."""
-
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-        self.parent = os.getppid()
-        self.base = self.done = 0
-        self.best: float | None = None
-        self.cost: dict[str, float] | None = None
-
-    def search_started(self, searcher: str, seed: int, total: int | None, done: int) -> None:
-        self.base = self.done - done  # evaluations of earlier searches of this launch
-
-    def evaluation(self, record: Any, result: Any) -> None:
-        if os.getppid() != self.parent:  # the service died: stop (resume continues it)
-            raise KeyboardInterrupt
-        self.done = self.base + record.index
-        if result.best is not None and (self.best is None or result.best.accuracy > self.best):
-            self.best, self.cost = result.best.accuracy, result.best.costs()
-        self.conn.send(("progress", self.done, self.best, self.cost))
-
-
-def _interrupt(_signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def _job_process(config: dict[str, Any], run_id: str, conn: Any) -> None:
-    """One launch in its own process (its own interpreter, so the service's HTTP work and the
-    search never wait on each other's GIL); SIGINT stops it the way Ctrl-C stops the CLI."""
-    # A service started as a background job (nohup, &) passes SIGINT on ignored; cancel needs it.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    torch.set_num_threads(1)
-    try:
-        run_experiment(
-            ExperimentConfig.model_validate(config), resume=run_id, hooks=_PipeHooks(conn)
-        )
-    except (KeyboardInterrupt, SystemExit):  # cancel, shutdown, or SIGTERM (Ray's handler)
-        with contextlib.suppress(OSError):
-            conn.send(("stopped", None))
-    except Exception as exc:  # reported to the service, which marks the launch failed
-        conn.send(("failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:500]))
-    else:
-        conn.send(("finished", None))
-
-
-class JobManager:
-    """Runs launches in ``max_concurrent`` threads; their state lives in MLflow tags."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        tracker: Tracker,
-        start: bool = True,
-        ray_address: str | None = None,
-    ) -> None:
-        self.settings = settings
-        self.tracker = tracker
-        self.ray_address = ray_address  # where launch processes find Ray
-        self.closing = False
-        self.jobs: dict[str, Job] = {}
-        self.queue: queue.Queue[tuple[Job, bool] | None] = queue.Queue()
-        self.lock = threading.Lock()
-        self.threads = [
-            threading.Thread(target=self._worker, daemon=True, name=f"autoprune-job-{i}")
-            for i in range(settings.max_concurrent if start else 0)
-        ]
-        for t in self.threads:
-            t.start()
-
-    # --------------------------------------------------------------- launches
-    def submit(self, cfg: ExperimentConfig, kind: str) -> Job:
-        tags = {KIND_TAG: kind, STATE_TAG: "queued"}
-        name = f"{kind}: {'+'.join(cfg.search.searchers)} {cfg.search.budget}"
-        run_id = self.tracker.start_parent(name, cfg.model_dump(mode="json"), tags)
-        job = Job(run_id, kind, cfg, requested=requested(cfg))
-        self._enqueue(job, resume=True)  # the parent exists: the runner continues it
-        return job
-
-    def resume(self, run_id: str, kind: str, cfg: ExperimentConfig) -> Job:
-        job = Job(run_id, kind, cfg, requested=requested(cfg))
-        self._set_state(job, "queued")
-        self._enqueue(job, resume=True)
-        return job
-
-    def _enqueue(self, job: Job, resume: bool) -> None:
-        with self.lock:
-            self.jobs[job.id] = job
-        self.queue.put((job, resume))
-
-    def cancel(self, job: Job) -> None:
-        job.stop = "cancel"
-        if job.state == "queued":
-            self._set_state(job, "cancelled")
-
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop running launches (they become ``interrupted``) and the worker threads."""
-        self.closing = True
-        for job in list(self.jobs.values()):
-            if job.state in LIVE:
-                job.stop = "shutdown"
-        for _ in self.threads:
-            self.queue.put(None)
-        deadline = time.monotonic() + timeout
-        for t in self.threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-
-    # --------------------------------------------------------------- running
-    def _worker(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            job, resume = item
-            if job.stop is not None:
-                continue
-            self._run(job, resume)
-
-    def _run(self, job: Job, resume: bool) -> None:
-        """Run a launch in a child process; relay its progress; stop it with SIGINT."""
-        self._set_state(job, "running")
-        context = multiprocessing.get_context("spawn")
-        receiver, sender = context.Pipe(duplex=False)
-        config = job.config.model_dump(mode="json")
-        if self.ray_address and not config["search"]["ray_address"]:
-            config["search"]["ray_address"] = self.ray_address  # the service's own Ray
-        proc = context.Process(
-            target=_job_process, args=(config, job.id, sender), name=f"autoprune-{job.id[:8]}"
-        )
-        proc.start()
-        sender.close()
-        outcome: tuple[Any, ...] | None = None
-        signalled = False
-        while outcome is None:
-            if job.stop is not None and not signalled and proc.pid is not None:
-                os.kill(proc.pid, signal.SIGINT)
-                signalled = True
-            try:
-                if not receiver.poll(0.2):
-                    if not proc.is_alive() and not receiver.poll(0):
-                        break
-                    continue
-                message = receiver.recv()
-            except (EOFError, OSError):
-                break
-            if message[0] == "progress":
-                _, job.done, job.best, job.cost = message
-            else:
-                outcome = message
-        proc.join(30)
-        if outcome is None and self.closing:
-            outcome = ("stopped", None)  # killed with the service: resumable
-        if outcome is None:
-            outcome = ("failed", f"the search process died (exit code {proc.exitcode})")
-        if outcome[0] == "finished":
-            self._set_state(job, "finished")
-        elif outcome[0] == "stopped" and job.stop == "cancel":
-            self.close_runs(job.id, "KILLED")
-            self._set_state(job, "cancelled")
-        elif outcome[0] == "stopped":  # shutdown: the tag stays "running", read as interrupted
-            self.close_runs(job.id, "KILLED")
-            job.state = "interrupted"
-        else:
-            job.error = str(outcome[1])
-            self.tracker.client.set_tag(job.id, ERROR_TAG, job.error)
-            self.close_runs(job.id, "FAILED")
-            self._set_state(job, "failed")
-
-    def close_runs(self, run_id: str, status: str) -> None:
-        """End a launch's MLflow runs that its process left ``RUNNING`` (killed, or stopped
-        before it could end them): its searches, then the launch itself."""
-        for child in self.tracker.child_runs(run_id):
-            if child["status"] == "RUNNING":
-                self.tracker.client.set_terminated(child["run_id"], status)
-        if self.tracker.get_run(run_id).info.status == "RUNNING":
-            self.tracker.client.set_terminated(run_id, status)
-
-    def _set_state(self, job: Job, state: str) -> None:
-        # The record first: a status read between the two (job no longer live, tag not yet
-        # written) would report a cancelled or finished launch as interrupted.
-        self.tracker.client.set_tag(job.id, STATE_TAG, state)
-        job.state = state
 
 
 # ------------------------------------------------------------------ the app
@@ -792,111 +565,6 @@ class Service:
 
 
 _BEARER = HTTPBearer(auto_error=False)
-PUBLIC = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
-
-
-class _NonFinite(ValueError):
-    pass
-
-
-def _refuse_constant(name: str) -> float:
-    raise _NonFinite(name)
-
-
-def _host_name(host: str) -> str:
-    """The name in a ``Host`` header, without its port (``[::1]:8080`` -> ``::1``)."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[1:].split("]", 1)[0]
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
-class RequestGuard:
-    """ASGI middleware: what is checked before a request body is read or parsed.
-
-    1. Without a token (loopback only), the ``Host`` header must name loopback: a web page
-       elsewhere cannot reach the service through DNS rebinding.
-    2. Every path but the public ones needs the bearer token: a request without it gets 401
-       before a byte of its body is read.
-    3. Bodies are limited (``limits.body_kb`` for JSON, ``limits.upload_mb`` for checkpoint
-       uploads): a declared length above the limit gets 413 at once; a JSON body is read up to
-       the limit and no further.
-    4. JSON bodies with non-finite numbers (``NaN``, ``Infinity``) get 422.
-    """
-
-    def __init__(self, app: Any, settings: Settings) -> None:
-        self.app = app
-        self.settings = settings
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        token = self.settings.token
-        if not token and _host_name(headers.get("host", "")) not in LOOPBACK_NAMES:
-            await _reply(send, 400, "the Host header must name this machine (loopback)")
-            return
-        path = scope.get("path", "")
-        if token and path not in PUBLIC:
-            scheme, _, given = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode(), token.encode()
-            ):
-                await _reply(send, 401, "missing or wrong bearer token",
-                             [(b"www-authenticate", b"Bearer")])  # fmt: skip
-                return
-        limits = self.settings.limits
-        upload = path == f"{API}/checkpoints"
-        limit = limits.upload_mb * 1024**2 if upload else limits.body_kb * 1024
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            await _reply(send, 413, f"request body larger than {limit} bytes")
-            return
-        if upload or scope.get("method") in ("GET", "HEAD", "DELETE", "OPTIONS"):
-            await self.app(scope, receive, send)  # the upload streams and counts for itself
-            return
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body.extend(message.get("body", b""))
-            if len(body) > limit:
-                await _reply(send, 413, f"request body larger than {limit} bytes")
-                return
-            if not message.get("more_body", False):
-                break
-        if "json" in headers.get("content-type", "") and body:
-            try:
-                json.loads(bytes(body), parse_constant=_refuse_constant)
-            except _NonFinite as bad:
-                msg = f"non-finite number {bad} is not accepted"
-                await _reply(send, 422, [{"loc": ["body"], "type": "value_error", "msg": msg}])
-                return
-            except ValueError:
-                pass  # malformed JSON: FastAPI answers 422 with where it failed
-        sent = False
-
-        async def replay() -> Any:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-
-async def _reply(
-    send: Any, status: int, detail: Any, extra: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    payload = json.dumps({"detail": detail}).encode()
-    headers = [(b"content-type", b"application/json"),
-               (b"content-length", str(len(payload)).encode()), *(extra or [])]  # fmt: skip
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
 
 
 def _authorize(

@@ -11,8 +11,9 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from autoprune.jobs import JobManager
 from autoprune.limits import Limits
-from autoprune.service import JobManager, Settings, create_app
+from autoprune.service import Settings, create_app
 
 TOKEN = "guard-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -55,7 +56,7 @@ def _asgi(guard, body_bytes: int, headers: dict[str, str], chunk: int = 8192):
 
 
 def test_authentication_and_size_come_before_the_body(tmp_path):
-    from autoprune.service import RequestGuard
+    from autoprune.guard import RequestGuard
 
     reached = []
 
