@@ -4,6 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
+# Test processes: two keep both cores of a small machine busy (most tests run one thread or wait
+# on a subprocess); each test file stays in one process, so its fixtures are built once.
+TEST_WORKERS ?= 2
 
 .PHONY: run test lint bench install clean
 
@@ -21,7 +24,7 @@ run: $(STAMP)
 	$(VENV)/bin/autoprune compare experiments/compare.yaml --apply pruned_model.pt --apply-epochs 2
 
 test: $(STAMP)
-	$(PY) -m pytest -q -x --durations=15
+	$(PY) -m pytest -q -x -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check autoprune envs agents tests experiments
