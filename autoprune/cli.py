@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from autoprune.limits import Limits
+from autoprune import limits as service_limits
 
 app = typer.Typer(
     add_completion=False,
@@ -824,7 +824,7 @@ def serve(
         list[str] | None,
         typer.Option(
             help="NAME=VALUE: change one bound on what a request may cost (repeatable). "
-            f"Defaults: {Limits().describe()}.",
+            f"Defaults: {service_limits.describe()}.",
             metavar="NAME=VALUE",
         ),
     ] = None,
@@ -841,11 +841,12 @@ def serve(
     from autoprune.service import serve as run_service
 
     try:
-        limits = Limits.parse(limit or [], workers=max_workers, evaluations=max_evaluations,
-                              upload_mb=max_upload_mb)  # fmt: skip
-    except ValueError as err:  # pydantic's ValidationError is one
-        text = str(err).splitlines()[0] if "--limit" in str(err) else " ".join(str(err).split())
-        raise typer.BadParameter(text, param_hint="--limit") from None
+        values = service_limits.parse(
+            limit or [], workers=max_workers, evaluations=max_evaluations, upload_mb=max_upload_mb
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--limit") from None
+    limits = service_limits.Limits(**values)
     settings = Settings(
         host=host, port=port, token=load_token(token_file), tracking_uri=tracking_uri,
         experiment=experiment, ray_address=ray_address, max_concurrent=max_concurrent,

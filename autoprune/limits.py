@@ -7,67 +7,91 @@ torch. ``autoprune serve --limit name=value`` changes one.
 from __future__ import annotations
 
 import os
+from functools import cache
 from typing import Any
-
-from pydantic import BaseModel, ConfigDict, Field
 
 
 def _cores() -> int:
     return os.cpu_count() or 1
 
 
-class Limits(BaseModel):
-    """The service's bounds on a request (a 422 names the field that passes one)."""
+# name: (default, smallest allowed value, what it bounds); a callable default is computed.
+TABLE: dict[str, tuple[Any, int, str]] = {
+    "body_kb": (256, 1, "JSON request body size"),
+    "upload_mb": (64, 1, "checkpoint upload size"),
+    "evaluations": (2000, 1, "evaluations per search"),
+    "total_evaluations": (20000, 1, "evaluations of a request, all searchers x seeds"),
+    "searches": (12, 1, "searchers x seeds per request"),
+    "workers": (2, 1, "Ray workers per search"),
+    "threads": (_cores, 1, "torch threads of a search"),
+    "train_epochs": (100, 1, "epochs of a default checkpoint"),
+    "finetune_epochs": (20, 0, "fine-tune epochs of a best policy"),
+    "batch_size": (4096, 1, "any batch size"),
+    "bn_batches": (100, 0, "BN recalibration batches"),
+    "cache_size": (100_000, 0, "evaluations kept in memory"),
+    "network_width": (1024, 1, "ddpg actor/critic layer width"),
+    "buffer_size": (1_000_000, 1, "ddpg replay buffer"),
+    "finetune_batches": (1000, 0, "netadapt short-term fine-tune batches"),
+    "long_finetune_batches": (20000, 0, "netadapt long-term fine-tune batches"),
+    "population": (1000, 2, "evolution population / parents"),
+    "grid_points": (20, 1, "sensitivity grid ratios"),
+}
 
-    model_config = ConfigDict(extra="forbid")
 
-    body_kb: int = Field(default=256, ge=1, description="JSON request body size")
-    upload_mb: int = Field(default=64, ge=1, description="checkpoint upload size")
-    evaluations: int = Field(default=2000, ge=1, description="evaluations per search")
-    total_evaluations: int = Field(
-        default=20000, ge=1, description="evaluations of a request, all searchers x seeds"
-    )
-    searches: int = Field(default=12, ge=1, description="searchers x seeds per request")
-    workers: int = Field(default=2, ge=1, description="Ray workers per search")
-    threads: int = Field(default_factory=_cores, ge=1, description="torch threads of a search")
-    train_epochs: int = Field(default=100, ge=1, description="epochs of a default checkpoint")
-    finetune_epochs: int = Field(default=20, ge=0, description="fine-tune epochs of a best policy")
-    batch_size: int = Field(default=4096, ge=1, description="any batch size")
-    bn_batches: int = Field(default=100, ge=0, description="BN recalibration batches")
-    cache_size: int = Field(default=100_000, ge=0, description="evaluations kept in memory")
-    network_width: int = Field(default=1024, ge=1, description="ddpg actor/critic layer width")
-    buffer_size: int = Field(default=1_000_000, ge=1, description="ddpg replay buffer")
-    finetune_batches: int = Field(
-        default=1000, ge=0, description="netadapt short-term fine-tune batches"
-    )
-    long_finetune_batches: int = Field(
-        default=20000, ge=0, description="netadapt long-term fine-tune batches"
-    )
-    population: int = Field(default=1000, ge=2, description="evolution population / parents")
-    grid_points: int = Field(default=20, ge=1, description="sensitivity grid ratios")
+def default(name: str) -> int:
+    value = TABLE[name][0]
+    return int(value() if callable(value) else value)
 
-    def describe(self) -> str:
-        """One line per limit: name, value, what it bounds."""
-        rows = []
-        for name, info in type(self).model_fields.items():
-            rows.append(f"{name}={getattr(self, name)} ({info.description})")
-        return "; ".join(rows)
 
-    @classmethod
-    def parse(cls, items: list[str], **base: Any) -> Limits:
-        """``["evaluations=500", ...]`` on top of ``base``; a ValueError names a bad item."""
-        values: dict[str, Any] = dict(base)
-        for item in items:
-            name, sep, value = item.partition("=")
-            name = name.strip().replace("-", "_")
-            if not sep or name not in cls.model_fields:
-                known = ", ".join(cls.model_fields)
-                raise ValueError(f"--limit {item!r}: expected NAME=VALUE with NAME one of {known}")
-            try:
-                values[name] = int(value)
-            except ValueError:
-                raise ValueError(f"--limit {item!r}: the value must be an integer") from None
-        return cls(**values)
+def describe() -> str:
+    """One entry per limit: name=default (what it bounds)."""
+    return "; ".join(f"{name}={default(name)} ({row[2]})" for name, row in TABLE.items())
+
+
+def parse(items: list[str], **base: int) -> dict[str, int]:
+    """``["evaluations=500", ...]`` on top of ``base``: the values to give :class:`Limits`; a
+    ValueError names a bad item."""
+    values = dict(base)
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in TABLE:
+            known = ", ".join(TABLE)
+            raise ValueError(f"--limit {item!r}: expected NAME=VALUE with NAME one of {known}")
+        try:
+            values[name] = int(value)
+        except ValueError:
+            raise ValueError(f"--limit {item!r}: the value must be an integer") from None
+        if values[name] < TABLE[name][1]:
+            raise ValueError(f"--limit {item!r}: {name} must be at least {TABLE[name][1]}")
+    return values
+
+
+@cache
+def _model() -> Any:
+    from pydantic import BaseModel, ConfigDict, Field, create_model
+
+    class _Base(BaseModel):
+        """The service's bounds on a request (a 422 names the field that passes one)."""
+
+        model_config = ConfigDict(extra="forbid")
+
+        def describe(self) -> str:
+            return "; ".join(f"{n}={getattr(self, n)} ({TABLE[n][2]})" for n in TABLE)
+
+    fields: dict[str, Any] = {}
+    for name, (value, low, text) in TABLE.items():
+        dflt = {"default_factory": value} if callable(value) else {"default": value}
+        fields[name] = (int, Field(ge=low, description=text, **dflt))
+    return create_model("Limits", __base__=_Base, **fields)
+
+
+def __getattr__(name: str) -> Any:
+    """``Limits``, the pydantic model of :data:`TABLE`, built on first use (the CLI's help
+    lists the limits without importing pydantic)."""
+    if name == "Limits":
+        return _model()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # Where each limit applies in a request (path into the body; a list applies to every item).
