@@ -259,3 +259,23 @@ def test_resumed_launches_use_the_service_ray_and_leave_no_run_running(tmp_path,
     resumed = jobs.resume(job.id, "search", experiment_config(tracker.config_of(job.id)))
     jobs._run(resumed, resume=True)  # a resume, from the recorded config: the same Ray
     assert seen[1]["search"]["ray_address"] == "127.0.0.1:6390"
+
+
+def test_limits_are_listed_in_serve_help_and_set_by_name():
+    from typer.testing import CliRunner
+
+    from autoprune import limits
+    from autoprune.cli import app
+
+    shown = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "400"})
+    assert shown.exit_code == 0
+    flat = "".join(ch for ch in shown.output if not ch.isspace() and ch != "│")  # unwrapped
+    for name in limits.TABLE:
+        assert f"{name}={limits.default(name)}(" in flat, name
+    assert limits.parse(["evaluations=500", "body-kb=8"], workers=1) == {
+        "workers": 1, "evaluations": 500, "body_kb": 8,
+    }  # fmt: skip
+    for bad, words in [("nope=1", "NAME one of"), ("evaluations=x", "must be an integer"),
+                       ("evaluations=0", "at least 1")]:  # fmt: skip
+        with pytest.raises(ValueError, match=words):
+            limits.parse([bad])
