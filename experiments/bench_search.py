@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -52,8 +53,14 @@ def parse_variant(spec: str) -> tuple[str, str, dict[str, Any]]:
 
 
 def test_accuracy(task: ap.Task, ratios: dict[str, float], epochs: int) -> tuple[float, float]:
-    """Test accuracy of a policy with adaptive BN only, and after ``epochs`` of fine-tuning."""
-    result = ap.apply_policy(task, ratios, finetune_epochs=epochs, latency=False)
+    """Test accuracy of a policy with adaptive BN only, and after ``epochs`` of fine-tuning
+    (with every core: the Ray workers are idle between searches)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        result = ap.apply_policy(task, ratios, finetune_epochs=epochs, latency=False)
+    finally:
+        torch.set_num_threads(before)
     return result.pruned_no_finetune["test_accuracy"], result.after["test_accuracy"]
 
 
