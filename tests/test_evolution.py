@@ -3,23 +3,12 @@ no policy evaluated twice, and its options checked."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
-import torch
 from autoprune.agents.base import SearchError, SearchResult
 from autoprune.agents.registry import search
 
 from autoprune.task import Task
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
