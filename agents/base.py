@@ -98,6 +98,21 @@ class SearchResult:
 Callback = Callable[[Record, SearchResult], None]
 
 
+@dataclass(frozen=True)
+class Preflight:
+    """What is known about a search before its task is built: the granularity, the evaluation
+    count the searcher gets, the model's number of prunable units (None: not known yet) and
+    whether this machine has a CUDA device."""
+
+    granularity: str = "channel"
+    evaluations: int | None = None
+    units: int | None = None
+    cuda: bool = True
+
+
+Problem = tuple[tuple[str, ...], str]  # (where, relative to ``search``; message)
+
+
 class Searcher(ABC):
     """Base class: subclasses implement :meth:`_search` using :meth:`evaluate`."""
 
@@ -168,6 +183,17 @@ class Searcher(ABC):
                 f"{self.name} option {where}={first.get('input')!r}: {first['msg']}"
             ) from None
         return {**self.defaults, **checked.model_dump(exclude_unset=True)}
+
+    @classmethod
+    def preflight(cls, options: Mapping[str, Any], ctx: Preflight) -> list[Problem]:
+        """What would only fail once the search runs, found from its options alone (they have
+        passed ``option_types``): each problem as (where, message), ``where`` relative to the
+        ``search`` section (``("searchers",)``, ``("options", name, key)``, ...). The CLI,
+        the experiment runner and the service all ask this before any expensive work."""
+        if cls.channel_only and ctx.granularity != "channel":
+            return [(("searchers",), f"{cls.name} supports channel granularity only, "
+                                     f"not {ctx.granularity!r}")]  # fmt: skip
+        return []
 
     # ------------------------------------------------------------ running
     def run(self) -> SearchResult:

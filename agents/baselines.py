@@ -22,7 +22,7 @@ from typing import Annotated, Any, ClassVar
 import numpy as np
 import torch
 import torch_pruning as tp
-from autoprune.agents.base import Searcher, SearchError
+from autoprune.agents.base import Preflight, Problem, Searcher, SearchError
 from autoprune.agents.registry import register
 from autoprune.envs.pruning_env import PruningEnv
 from pydantic import Field
@@ -149,6 +149,20 @@ class SensitivitySearcher(Searcher):
             )
         merged["grid"] = tuple(grid)
         return merged
+
+    @classmethod
+    def preflight(cls, options: Mapping[str, Any], ctx: Preflight) -> list[Problem]:
+        out = super().preflight(options, ctx)
+        grid = options.get("grid", cls.defaults["grid"])
+        if ctx.units is not None and ctx.evaluations is not None:
+            needed = ctx.units * len(grid) + 2
+            if ctx.evaluations < needed:
+                out.append((
+                    ("evaluations",),
+                    f"sensitivity needs {needed} evaluations ({ctx.units} units x {len(grid)} "
+                    f"grid ratios + dense + final), got {ctx.evaluations}",
+                ))  # fmt: skip
+        return out
 
     @staticmethod
     def needed_evaluations(task: Task, grid: Sequence[float]) -> int:

@@ -25,13 +25,14 @@ steps. ``bootstrap=True`` keeps SB3's usual TD target.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from autoprune.agents.base import Searcher, SearchError
+from autoprune.agents.base import Preflight, Problem, Searcher, SearchError
 from autoprune.agents.registry import register
 from autoprune.envs import PruningEnv
 from autoprune.envs.rewards import REWARDS
@@ -318,6 +319,21 @@ class DDPGSearcher(Searcher):
         "gradient_steps": Annotated[int, Field(ge=1, le=10_000)] | None,
         "store_applied": bool,
     }
+
+    @classmethod
+    def preflight(cls, options: Mapping[str, Any], ctx: Preflight) -> list[Problem]:
+        out = super().preflight(options, ctx)
+        opts = {**cls.defaults, **options}
+        if opts["device"] == "cuda" and not ctx.cuda:
+            out.append((("options", cls.name, "device"), "no CUDA device here (use cpu or auto)"))
+        warm = int(opts["warmup_episodes"]) if opts["warm_start"] is None else 0
+        if ctx.evaluations is not None and warm >= ctx.evaluations:
+            out.append((
+                ("options", cls.name, "warmup_episodes"),
+                f"the warm-up of {warm} episodes must be below ddpg's {ctx.evaluations} "
+                "evaluations; raise evaluations or lower warmup_episodes",
+            ))  # fmt: skip
+        return out
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

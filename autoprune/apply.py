@@ -87,13 +87,17 @@ def apply_policy(
     schedule: str = "cubic",
     latency: bool = True,
     progress: Progress | None = None,
+    finetune_batches: int | None = None,
 ) -> ApplyResult:
     """Prune the task's model with a policy, fine-tune ``finetune_epochs`` per step, and report
-    test metrics before and after. ``steps > 1`` prunes iteratively."""
+    test metrics before and after. ``steps > 1`` prunes iteratively. ``finetune_batches`` caps
+    each step's fine-tune at that many batches (the cosine schedule spans the capped length)."""
     vec = policy.check(task) if isinstance(policy, Policy) else task.ratio_vector(policy)
     say = progress or (lambda _msg: None)
     cfg = task.config
     before = model_metrics(task, task.model, latency)
+    if finetune_batches is not None and finetune_batches < 1:
+        raise ValueError(f"finetune_batches must be >= 1 or None, got {finetune_batches}")
     targets = ramp(vec, steps, schedule)
     model = task.prune(targets[0], persistent=True)
     task.recalibrate(model)
@@ -108,6 +112,7 @@ def apply_policy(
             fine_tune(
                 model, task.data, finetune_epochs, lr=lr, device=cfg.device, seed=cfg.seed + k,
                 augment=cfg.train.finetune_augment, flip=cfg.train.flip,
+                max_batches=finetune_batches,
             )  # fmt: skip
         acc, _ = task.score(model, "test")
         history.append({"step": k + 1, "mean_ratio": float(np.mean(target)), "test_accuracy": acc})

@@ -34,7 +34,7 @@ import numpy as np
 from pydantic import Field, ValidationError, field_validator
 
 from autoprune.agents import SEARCHERS, get_searcher
-from autoprune.agents.base import Record, SearchError, SearchResult
+from autoprune.agents.base import Preflight, Record, SearchError, SearchResult
 from autoprune.agents.registry import options_model
 from autoprune.apply import apply_policy
 from autoprune.budget import Budget
@@ -84,6 +84,11 @@ class SearchConfig(_Strict):
     )
     finetune_epochs: int = Field(
         default=0, ge=0, description="Fine-tune each best policy this long for its test accuracy."
+    )
+    finetune_batches: int | None = Field(
+        default=None,
+        ge=1,
+        description="Cap on that fine-tune's batches (None: the whole finetune_epochs).",
     )
 
     @field_validator("searchers")
@@ -160,6 +165,10 @@ def experiment_config(
     cfg.search.options = options
     for name in options:
         seeds_for(cfg.search, name)
+    for name in cfg.search.searchers:  # what would fail once running, found from the options
+        ctx = Preflight(cfg.granularity, _evaluations_for(cfg.search, name))
+        for where, message in get_searcher(name).preflight(options.get(name, {}), ctx)[:1]:
+            raise ConfigError(f"search.{'.'.join(where)}: {message}")
     return cfg
 
 
@@ -337,9 +346,17 @@ def evaluation_notices(cfg: SearchConfig) -> list[str]:
     return out
 
 
-def test_metrics(task: Task, ratios: dict[str, float], finetune_epochs: int) -> dict[str, float]:
+def test_metrics(
+    task: Task,
+    ratios: dict[str, float],
+    finetune_epochs: int,
+    finetune_batches: int | None = None,
+) -> dict[str, float]:
     """Test accuracy of a policy after adaptive BN, and after fine-tuning when asked."""
-    applied = apply_policy(task, ratios, finetune_epochs=finetune_epochs, latency=False)
+    applied = apply_policy(
+        task, ratios, finetune_epochs=finetune_epochs, latency=False,
+        finetune_batches=finetune_batches,
+    )  # fmt: skip
     out = {"test_accuracy": applied.pruned_no_finetune["test_accuracy"]}
     if finetune_epochs > 0:
         out["test_accuracy_finetuned"] = applied.after["test_accuracy"]
@@ -511,7 +528,9 @@ def _run_one(
         # The policy judged like every policy (search split, adaptive BN, dense weights): the
         # one number that ranks searchers fairly (NetAdapt's search accuracy includes fine-tunes).
         metrics["policy_accuracy"] = backend.map([task.ratio_vector(best.ratios)])[0].accuracy
-        metrics.update(test_metrics(task, best.ratios, search.finetune_epochs))
+        metrics.update(
+            test_metrics(task, best.ratios, search.finetune_epochs, search.finetune_batches)
+        )
     tracker.finish(run_id, result, policy, extra_metrics=metrics)
     summary = {
         **metrics,

@@ -41,6 +41,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
 from autoprune.agents import get_searcher
+from autoprune.agents.base import Preflight
 from autoprune.budget import Budget
 from autoprune.config import ConfigError, DataConfig
 from autoprune.experiment import (
@@ -272,7 +273,11 @@ class Service:
                 raise _unprocessable(loc, msg) from None
         try:
             cfg = experiment_config(body.model_dump())
-        except ConfigError as err:
+        except ConfigError as err:  # "search.options.ddpg.x: message" names its field
+            where, sep, msg = str(err).partition(": ")
+            if sep and where.startswith("search.") and " " not in where:
+                loc = [int(p) if p.isdigit() else p for p in where.split(".")]
+                raise _unprocessable(loc, msg) from None
             raise _unprocessable(["search"], str(err)) from None
         self._check_limits(cfg)
         if kind == "comparison" and len(set(body.search.searchers)) < 2:
@@ -325,48 +330,28 @@ class Service:
             )
 
     def _check_runnable(self, cfg: ExperimentConfig) -> None:
-        """What would only fail after launch, checked before 202: the device, searchers that
-        need channel granularity, ddpg's warm-up against its episodes, the budget's
-        reachability on the model and sensitivity's scan against its evaluations."""
-        devices: list[tuple[list[str | int], str]] = [(["device"], cfg.device)]
-        if "ddpg" in cfg.search.searchers:
-            ddpg = cfg.search.options.get("ddpg", {})
-            devices.append((["search", "options", "ddpg", "device"], ddpg.get("device", "cpu")))
-        for loc, device in devices:
-            if device == "cuda" and not torch.cuda.is_available():
-                raise _unprocessable(loc, "this service has no CUDA device (use cpu or auto)")
-        for name in cfg.search.searchers:
-            cls = get_searcher(name)
-            if cls.channel_only and cfg.granularity != "channel":
-                raise _unprocessable(
-                    ["search", "searchers"],
-                    f"{name} supports channel granularity only, not {cfg.granularity!r}",
-                )
-        if "ddpg" in cfg.search.searchers:
-            options = cfg.search.options.get("ddpg", {})
-            warmup = int(options.get("warmup_episodes", get_searcher("ddpg").defaults[
-                "warmup_episodes"]))  # fmt: skip
-            episodes = _evaluations_for(cfg.search, "ddpg")
-            if episodes is not None and warmup >= episodes:
-                raise _unprocessable(
-                    ["search", "options", "ddpg", "warmup_episodes"],
-                    f"the warm-up of {warmup} episodes must be below ddpg's {episodes} evaluations",
-                )
+        """What would only fail after launch, checked before 202: the device, the budget's
+        reachability on the model, and each searcher's own :meth:`Searcher.preflight` (channel
+        granularity, ddpg's warm-up against its episodes, sensitivity's scan against its
+        evaluations, ...)."""
+        cuda = torch.cuda.is_available()
+        if cfg.device == "cuda" and not cuda:
+            raise _unprocessable(["device"], "this service has no CUDA device (use cpu or auto)")
+        for name in cfg.search.searchers:  # option-only checks first: no model needed
+            self._preflight(cfg, name, None, cuda)
         units, reachable = _structure(cfg)
         if not reachable[0]:
             raise _unprocessable(["search", "budget"], reachable[1])
-        if "sensitivity" in cfg.search.searchers:
-            grid = cfg.search.options.get("sensitivity", {}).get(
-                "grid", get_searcher("sensitivity").defaults["grid"]
-            )
-            needed = units * len(grid) + 2
-            limit = _evaluations_for(cfg.search, "sensitivity")
-            if limit is not None and limit < needed:
-                raise _unprocessable(
-                    ["search", "evaluations"],
-                    f"sensitivity needs {needed} evaluations ({units} units x {len(grid)} grid "
-                    f"ratios + 2), got {limit}",
-                )
+        for name in cfg.search.searchers:
+            self._preflight(cfg, name, units, cuda)
+
+    @staticmethod
+    def _preflight(cfg: ExperimentConfig, name: str, units: int | None, cuda: bool) -> None:
+        ctx = Preflight(cfg.granularity, _evaluations_for(cfg.search, name), units, cuda)
+        problems = get_searcher(name).preflight(cfg.search.options.get(name, {}), ctx)
+        if problems:
+            where, message = problems[0]
+            raise _unprocessable(["search", *where], message)
 
     def launch(self, body: ExperimentConfig, kind: str) -> Accepted:
         job = self.jobs.submit(self.validate(body, kind), kind)

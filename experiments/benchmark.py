@@ -5,18 +5,27 @@ experiment (:func:`autoprune.experiment.run_experiment`: searchers x seeds on Ra
 recorded in one MLflow experiment) and, for every search, measures the latency of the pruned
 model. Each cell (group x searcher) reports mean and spread (std over seeds) of the best search
 accuracy, the test accuracy of the best policy before and after the same fine-tune, the achieved
-cost ratios, the measured latency, evaluations and wall time.
+cost ratios, the measured latency, evaluations and wall time. A verdict per group, computed from
+the rows, names the best searcher and says whether the agent leads by more than the seeds'
+spread (a lead inside the spread is not a win).
+
+The plan's data (Fashion-MNIST by default) must be on this machine: when its IDX files are
+missing and this is a Debian machine run as root, ``apt-get install -y dataset-fashion-mnist``
+installs them; otherwise the benchmark stops at once with a one-line error saying what to install
+or where to put the files.
 
 Outputs (``--out``, default ``experiments/results``): ``benchmark.md`` (a table per model, the
-main table, the targets and the command that made them), ``benchmark.json`` (every search),
-``benchmark_frontier.png`` (test accuracy vs FLOPs ratio per searcher) and
-``benchmark_curves.png`` (best search accuracy so far vs evaluations at FLOPs 0.25).
+main table, the verdicts and the command that made them), ``benchmark.json`` (every search),
+``benchmark_frontier.png`` (test accuracy after the fine-tune vs FLOPs ratio per searcher, the
+dense model dashed) and ``benchmark_curves.png`` (best search accuracy so far vs evaluations at
+the main budget).
 
 Interrupting is safe: every finished group is appended to ``<out>/benchmark_runs.jsonl`` and
 ``--resume`` skips those (an interrupted group is re-run); a run without ``--resume`` starts a
 new record and keeps the previous one as ``benchmark_runs.<time>.jsonl``.
 
-    python experiments/benchmark.py                      # the full benchmark (~1 hour, 2 cores)
+    python experiments/benchmark.py                      # the full benchmark
+    python experiments/benchmark.py --models resnet20 --budgets flops=0.5   # the headline slice
     python experiments/benchmark.py --models resnet20 --budgets flops=0.25 --seeds 0 \\
         --evaluations 30 --no-extra --out /tmp/bench     # a small slice
 """
@@ -56,9 +65,11 @@ from autoprune.task import Task
 HERE = Path(__file__).resolve().parent
 PLAN_KEYS = {
     "experiment", "searchers", "budgets", "seeds", "deterministic", "finetune_epochs", "workers",
-    "task", "options", "models", "extra",
+    "task", "options", "models", "extra", "finetune_batches", "main_budget", "agent",
+    "own_evaluations",
 }  # fmt: skip
-MAIN_BUDGET = "flops=0.25"
+MODEL_KEYS = {"evaluations", "options", "seeds"}
+MAIN_BUDGET = "flops=0.25"  # the default main budget (the plan's ``main_budget``)
 LATENCY_REPEATS = 20
 
 
@@ -76,6 +87,7 @@ class Group:
     evaluations: int
     options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # per-model overrides
     criterion: str | None = None  # None: the plan's
+    seeds: tuple[int, ...] | None = None  # None: the plan's
 
     @property
     def key(self) -> str:
@@ -92,6 +104,12 @@ class Plan:
     task: dict[str, Any]
     options: dict[str, dict[str, Any]]
     groups: list[Group] = field(default_factory=list)
+    finetune_batches: int | None = None
+    main_budget: str = MAIN_BUDGET
+    agent: str = "ddpg"
+    # Searchers whose evaluation count the model sets (sensitivity: units x grid + 2): they do
+    # not get the group's equal evaluations, which would only be a limit they fail.
+    own_evaluations: list[str] = field(default_factory=lambda: ["sensitivity"])
 
     def config(self, group: Group, tracking_uri: str | None) -> ExperimentConfig:
         """The group's experiment config (validated: bad input fails before any work)."""
@@ -99,9 +117,13 @@ class Plan:
         for name, items in group.options:
             if name in group.searchers:
                 options.setdefault(name, {}).update(dict(items))
+        seeds = list(group.seeds) if group.seeds is not None else self.seeds
+        for name in group.searchers:  # equal evaluations for every searcher with a choice
+            if get_searcher(name).fixed_evaluations is None and name not in self.own_evaluations:
+                options.setdefault(name, {}).setdefault("evaluations", group.evaluations)
         for name in self.deterministic:
             if name in group.searchers:
-                options.setdefault(name, {})["seeds"] = self.seeds[:1]
+                options.setdefault(name, {})["seeds"] = seeds[:1]
         data = {
             **self.task,
             "model": {**self.task.get("model", {}), "name": group.model},
@@ -110,11 +132,11 @@ class Plan:
             "search": {
                 "searchers": list(group.searchers),
                 "budget": group.budget,
-                "evaluations": group.evaluations,
-                "seeds": self.seeds,
+                "seeds": seeds,
                 "workers": self.workers,
                 "options": options,
                 "finetune_epochs": self.finetune_epochs,
+                "finetune_batches": self.finetune_batches,
             },
             "tracking": {"uri": tracking_uri, "experiment": self.experiment},
         }
@@ -160,6 +182,10 @@ def load_plan(path: Path, args: argparse.Namespace) -> Plan:
         workers=workers,
         task=dict(raw.get("task") or {}),
         options=dict(raw.get("options") or {}),
+        finetune_batches=raw.get("finetune_batches"),
+        main_budget=str(Budget.parse(str(raw.get("main_budget", MAIN_BUDGET)))),
+        agent=str(raw.get("agent", "ddpg")),
+        own_evaluations=list(raw.get("own_evaluations", ["sensitivity"])),
     )
 
     def evaluations(spec: dict[str, Any]) -> int:
@@ -168,11 +194,16 @@ def load_plan(path: Path, args: argparse.Namespace) -> Plan:
         return int(spec.get("evaluations", 100))
 
     def model_options(spec: dict[str, Any]) -> tuple:
-        unknown = sorted(set(spec) - {"evaluations", "options"})
+        unknown = sorted(set(spec) - MODEL_KEYS)
         if unknown:
-            raise ConfigError(f"models: unknown key(s) {unknown}; known: evaluations, options")
+            raise ConfigError(f"models: unknown key(s) {unknown}; known: {sorted(MODEL_KEYS)}")
         opts = spec.get("options") or {}
         return tuple((name, tuple(sorted(dict(o).items()))) for name, o in opts.items())
+
+    def model_seeds(spec: dict[str, Any]) -> tuple[int, ...] | None:
+        if args.seeds or "seeds" not in spec:  # --seeds wins over the plan's per-model seeds
+            return None
+        return tuple(int(x) for x in spec["seeds"])
 
     for model, spec in models.items():
         spec = spec or {}
@@ -180,7 +211,7 @@ def load_plan(path: Path, args: argparse.Namespace) -> Plan:
             plan.groups.append(
                 Group(
                     model, "channel", budget, tuple(searchers), evaluations(spec),
-                    model_options(spec),
+                    model_options(spec), seeds=model_seeds(spec),
                 )
             )  # fmt: skip
     if not args.no_extra:
@@ -200,6 +231,7 @@ def load_plan(path: Path, args: argparse.Namespace) -> Plan:
                     Group(
                         model, granularity, str(extra["budget"]), tuple(names),
                         evaluations(spec), model_options(spec), extra.get("criterion"),
+                        model_seeds(spec),
                     )
                 )  # fmt: skip
     if not plan.groups:
@@ -210,6 +242,53 @@ def load_plan(path: Path, args: argparse.Namespace) -> Plan:
         except ConfigError as err:
             raise ConfigError(f"group {group.key}: {err}") from None
     return plan
+
+
+# ------------------------------------------------------------------ data
+
+
+def ensure_data(plan: Plan, install: bool = True) -> str | None:
+    """Make sure the plan's IDX data is here before any work; None when it is, else the error.
+
+    When Fashion-MNIST's default folder is missing and this is a Debian machine run as root,
+    ``apt-get install -y dataset-fashion-mnist`` installs it (``apt-get update`` first when the
+    package is unknown)."""
+    import shutil
+    import subprocess
+
+    from autoprune.config import DataConfig
+    from autoprune.data.core import DataError
+    from autoprune.data.idx import idx_folder
+
+    data = dict(plan.task.get("data") or {})
+    if data.get("name") not in ("fashion_mnist", "mnist"):
+        return None
+    cfg = DataConfig(**data)
+
+    def check() -> str | None:
+        try:
+            idx_folder(cfg)
+            return None
+        except DataError as err:
+            return str(err)
+
+    problem = check()
+    root = hasattr(os, "geteuid") and os.geteuid() == 0
+    if problem is None or not install or cfg.name != "fashion_mnist" or cfg.path is not None:
+        return problem
+    if not root or shutil.which("apt-get") is None:
+        return problem + " (run as root on Debian to have it installed, or set data.path)"
+    print("benchmark: installing dataset-fashion-mnist with apt-get", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install_cmd = ["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"]
+    done = subprocess.run(install_cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
+        done = subprocess.run(install_cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"{problem}; apt-get install dataset-fashion-mnist failed: {last}"
+    return check()
 
 
 # ------------------------------------------------------------------ running
@@ -365,9 +444,13 @@ def model_table(model: str, rows: list[dict], groups: list[str]) -> list[str]:
 
 
 def main_table(
-    rows: list[dict], models: list[str], searchers: list[str], key: str = "test_accuracy"
+    rows: list[dict],
+    models: list[str],
+    searchers: list[str],
+    key: str = "test_accuracy",
+    main_budget: str = MAIN_BUDGET,
 ) -> list[str]:
-    """Test accuracy at FLOPs 0.25, searchers x models; the best per model bold."""
+    """Test accuracy at the main budget, searchers x models; the best per model bold."""
     by_cell = cells(rows)
     lines = [
         "| searcher | " + " | ".join(models) + " |",
@@ -375,12 +458,12 @@ def main_table(
     ]
     best: dict[str, float] = {}
     for m in models:
-        means = [_mean(by_cell.get((f"{m}/channel/{MAIN_BUDGET}", s), []), key) for s in searchers]
+        means = [_mean(by_cell.get((f"{m}/channel/{main_budget}", s), []), key) for s in searchers]
         best[m] = max((x[0] for x in means if x is not None), default=float("nan"))
     for s in searchers:
         out = []
         for m in models:
-            stat = _mean(by_cell.get((f"{m}/channel/{MAIN_BUDGET}", s), []), key)
+            stat = _mean(by_cell.get((f"{m}/channel/{main_budget}", s), []), key)
             if stat is None:
                 out.append("-")
                 continue
@@ -393,69 +476,69 @@ def main_table(
 METRICS = (("test_accuracy", "no FT"), ("test_accuracy_finetuned", "after the same fine-tune"))
 
 
-def targets(rows: list[dict], models: list[str], groups: list[str]) -> list[str]:
-    """The issue's targets, judged on the test accuracy of each best policy with adaptive BN only
-    (what the searches optimise) and after the same fine-tune."""
-    by_cell = cells(rows)
-    out = []
-    for key_name, label in METRICS:
-        out += [f"Judged on test accuracy ({label}):", ""]
-        ahead_of_random = 0
-        judged = 0
-        for m in models:
-            key = f"{m}/channel/{MAIN_BUDGET}"
-            stats = {s: _mean(c, key_name) for (g, s), c in by_cell.items() if g == key}
-            ddpg = stats.get("ddpg")
-            if ddpg is None:
-                continue
-            judged += 1
-            others = {s: v for s, v in stats.items() if s != "ddpg" and v is not None}
-            top_name, top = max(others.items(), key=lambda kv: kv[1][0], default=("-", (0.0, 0.0)))
-            if ddpg[0] >= top[0]:
-                verdict = "best"
-            elif ddpg[0] + ddpg[1] >= top[0] - top[1]:
-                verdict = "tied (within spread)"
-            else:
-                verdict = "MISSED"
-            out.append(
-                f"- {m} at {MAIN_BUDGET}: ddpg {100 * ddpg[0]:.1f} ± {100 * ddpg[1]:.1f} vs best "
-                f"other {top_name} {100 * top[0]:.1f} ± {100 * top[1]:.1f}: {verdict}"
-            )
-            rnd = stats.get("random")
-            if rnd is not None and ddpg[0] > rnd[0]:
-                ahead_of_random += 1
-        out.append(f"- ddpg ahead of random (equal evaluations) at {MAIN_BUDGET}: "
-                   f"{ahead_of_random} of {judged} models")  # fmt: skip
-        misses = []
-        pairs = 0
-        for key in groups:
-            na = _mean(by_cell.get((key, "netadapt"), []), key_name)
-            un = _mean(by_cell.get((key, "uniform"), []), key_name)
-            if na is None or un is None:
-                continue
-            pairs += 1
-            if not na[0] > un[0]:
-                misses.append(f"{key} ({100 * na[0]:.1f} vs {100 * un[0]:.1f})")
-        out.append(
-            f"- netadapt ahead of uniform: {pairs - len(misses)} of {pairs} groups"
-            + (f"; not in {', '.join(misses)}" if misses else "")
+def group_verdict(
+    rows: list[dict], group: str, key: str, agent: str = "ddpg"
+) -> dict[str, Any] | None:
+    """The verdict on one group and accuracy column, from the rows alone.
+
+    ``best``: the searcher with the highest mean. ``agent_wins``: the agent has the highest mean
+    *and* leads the runner-up by more than the larger of the two seed standard deviations, with
+    at least two seeds of its own (a lead inside the spread is not a win). ``lead`` is the agent's
+    mean minus the best other searcher's mean (negative: behind), ``spread`` that larger std.
+    None when the group has no rows with this column.
+    """
+    stats = {
+        s: _stat for (g, s), cell in cells(rows).items()
+        if g == group and (_stat := mean_std([r.get(key) for r in cell])) is not None
+    }  # fmt: skip
+    if not stats:
+        return None
+    best = max(stats, key=lambda s: stats[s][0])
+    out: dict[str, Any] = {"group": group, "key": key, "best": best,
+                           "best_mean": stats[best][0], "agent": agent}  # fmt: skip
+    if agent not in stats:
+        return {**out, "agent_wins": False, "lead": None, "spread": None, "rival": None}
+    others = {s: v for s, v in stats.items() if s != agent}
+    if not others:
+        return {**out, "agent_wins": False, "lead": None, "spread": None, "rival": None}
+    rival = max(others, key=lambda s: others[s][0])
+    mine = stats[agent]
+    lead = mine[0] - others[rival][0]
+    spread = max(mine[1], others[rival][1])
+    wins = lead > spread and mine[2] >= 2
+    return {**out, "agent_wins": wins, "lead": lead, "spread": spread, "rival": rival,
+            "agent_seeds": mine[2]}  # fmt: skip
+
+
+def verdict_line(v: dict[str, Any]) -> str:
+    head = f"- {v['group']}: best `{v['best']}` {100 * v['best_mean']:.1f}%"
+    if v["lead"] is None:
+        return head + f"; no `{v['agent']}` rows to judge"
+    lead, spread = 100 * v["lead"], 100 * v["spread"]
+    if v["agent_wins"]:
+        judged = (
+            f"**`{v['agent']}` wins**: +{lead:.1f} points over `{v['rival']}` > spread {spread:.1f}"
         )
-        out.append("")
-    wins = []
-    for m in models:
-        key = f"{m}/channel/{MAIN_BUDGET}"
-        d = _mean(by_cell.get((key, "ddpg"), []), "best_search_accuracy")
-        r = _mean(by_cell.get((key, "random"), []), "best_search_accuracy")
-        if d is not None and r is not None:
-            wins.append(
-                f"{m} {100 * d[0]:.1f} vs {100 * r[0]:.1f}" + (" (ahead)" if d[0] > r[0] else "")
-            )
-    if wins:
-        out += [
-            f"Best search accuracy, ddpg vs random at {MAIN_BUDGET} (the quantity both maximise, "
-            f"on the search split, equal evaluations): {'; '.join(wins)}.",
-            "",
-        ]
+    elif lead > 0:
+        why = "one seed" if v.get("agent_seeds", 0) < 2 else f"inside the spread {spread:.1f}"
+        judged = (f"`{v['agent']}` leads `{v['rival']}` by {lead:.1f} points, {why}: "
+                  "**not a win**")  # fmt: skip
+    else:
+        judged = (f"`{v['agent']}` is {-lead:.1f} points behind `{v['rival']}` "
+                  f"(spread {spread:.1f}): **not a win**")  # fmt: skip
+    return f"{head}; {judged}"
+
+
+def verdicts(rows: list[dict], groups: list[str], agent: str = "ddpg") -> list[str]:
+    """Per accuracy column and group: the best searcher and whether the agent wins."""
+    out: list[str] = []
+    for key, label in METRICS:
+        judged = [v for g in groups if (v := group_verdict(rows, g, key, agent)) is not None]
+        if not judged:
+            continue
+        wins = sum(v["agent_wins"] for v in judged)
+        out += [f"Test accuracy {label}: `{agent}` wins {wins} of {len(judged)} groups.", ""]
+        out += [verdict_line(v) for v in judged] + [""]
     return out
 
 
@@ -466,32 +549,38 @@ def write_report(
     groups = [g["group"] for g in done]
     models = list(dict.fromkeys(r["model"] for r in rows))
     searchers = list(dict.fromkeys(r["searcher"] for r in rows))
+    main = plan.main_budget
+    data = str((plan.task.get("data") or {}).get("name", "digits"))
+    per_model = {g.model: list(g.seeds) for g in plan.groups if g.seeds is not None}
+    seeds = f"seeds {plan.seeds}" + "".join(f", {m} {s}" for m, s in per_model.items())
     (out / "benchmark.json").write_text(json.dumps(done, indent=1))
     lines = [
         f"# autoprune benchmark  {started}",
         "",
         f"{command}: {minutes:.1f} min wall (sum over groups) on {platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}, {plan.workers} Ray workers; "
-        f"seeds {plan.seeds} ({', '.join(plan.deterministic)}: one run, deterministic); "
-        f"fine-tune {plan.finetune_epochs} epoch(s); MLflow experiment `{plan.experiment}`.",
+        f"{seeds} ({', '.join(plan.deterministic)}: one run, deterministic); "
+        f"fine-tune {plan.finetune_epochs} epoch(s)"
+        + (f" capped at {plan.finetune_batches} batches" if plan.finetune_batches else "")
+        + f"; MLflow experiment `{plan.experiment}`.",
         "",
-        "Accuracies are on the digits test split (never seen by the searches) of the best policy "
+        f"Accuracies are on the {data} test split (never seen by the searches) of the best policy "
         "of each search, with adaptive BN only (no FT) and after the same fine-tune (FT); "
         "latency is measured (median of "
         f"{LATENCY_REPEATS}, batch {plan.task.get('eval', {}).get('latency_batch_size', 1)}, "
         "1 thread) and given as a ratio to the dense model. Mean ± std over seeds.",
         "",
-        f"## Main table: test accuracy % (no FT) at {MAIN_BUDGET}",
+        f"## Main table: test accuracy % (no FT) at {main}",
         "",
-        *main_table(rows, models, searchers),
+        *main_table(rows, models, searchers, main_budget=main),
         "",
-        f"Test accuracy % after the same fine-tune at {MAIN_BUDGET}:",
+        f"Test accuracy % after the same fine-tune at {main}:",
         "",
-        *main_table(rows, models, searchers, "test_accuracy_finetuned"),
+        *main_table(rows, models, searchers, "test_accuracy_finetuned", main),
         "",
-        "## Targets",
+        "## Verdicts (computed from the rows)",
         "",
-        *targets(rows, models, groups),
+        *verdicts(rows, groups, plan.agent),
         "",
     ]
     for m in models:
@@ -503,10 +592,17 @@ def write_report(
         lines += [dense + ".", ""]
         lines += [*model_table(m, rows, groups), ""]
     (out / "benchmark.md").write_text("\n".join(lines))
-    plot_report(out, rows, models)
+    dense = {g["group"].split("/", 1)[0]: g.get("dense_test_accuracy") for g in done}
+    plot_report(out, rows, models, main, dense)
 
 
-def plot_report(out: Path, rows: list[dict], models: list[str]) -> None:
+def plot_report(
+    out: Path,
+    rows: list[dict],
+    models: list[str],
+    main_budget: str = MAIN_BUDGET,
+    dense: dict[str, float | None] | None = None,
+) -> None:
     from matplotlib.figure import Figure
 
     n = len(models)
@@ -515,7 +611,13 @@ def plot_report(out: Path, rows: list[dict], models: list[str]) -> None:
         ax = fig.add_subplot(1, n, i + 1)
         pts = [r for r in rows if r["model"] == m and r["granularity"] == "channel"
                and r["budget"].startswith("flops")]  # fmt: skip
-        plot_frontier(pts, "test_accuracy", "flops_ratio", title=m, ax=ax)
+        tuned = any(r.get("test_accuracy_finetuned") is not None for r in pts)
+        key = "test_accuracy_finetuned" if tuned else "test_accuracy"
+        plot_frontier(pts, key, "flops_ratio", title=m, ax=ax)
+        ref = (dense or {}).get(m)
+        if ref is not None and np.isfinite(ref):
+            ax.axhline(100 * ref, color="black", linestyle="--", linewidth=1, label="dense")
+            ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(out / "benchmark_frontier.png", dpi=90)
 
@@ -524,7 +626,7 @@ def plot_report(out: Path, rows: list[dict], models: list[str]) -> None:
         ax = fig.add_subplot(1, n, i + 1)
         curves: dict[str, list[list[float]]] = {}
         for r in rows:
-            if r["group"] == f"{m}/channel/{MAIN_BUDGET}" and r.get("curve"):
+            if r["group"] == f"{m}/channel/{main_budget}" and r.get("curve"):
                 curves.setdefault(r["searcher"], []).append(
                     [np.nan if v is None else 100 * v for v in r["curve"]]
                 )
@@ -538,7 +640,7 @@ def plot_report(out: Path, rows: list[dict], models: list[str]) -> None:
                 if ends:
                     x, y = np.mean(ends, axis=0)
                     ax.plot([x], [y], "o", label=f"{searcher} (final)")
-        ax.set_title(f"{m}, {MAIN_BUDGET}")
+        ax.set_title(f"{m}, {main_budget}")
         ax.set_xlabel("evaluations")
         ax.set_ylabel("best search accuracy so far %")
         if curves:
@@ -574,6 +676,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = load_plan(args.plan, args)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    problem = ensure_data(plan)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "benchmark_runs.jsonl"

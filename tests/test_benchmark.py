@@ -26,16 +26,26 @@ def _module():
 
 bench = _module()
 
+SEARCHERS = ["ddpg", "evolution", "random", "netadapt", "sensitivity", "uniform", "global"]
 PLAN = {
     "experiment": "bench-test",
-    "searchers": ["uniform", "random", "global"],
+    "agent": "ddpg",
+    "searchers": SEARCHERS,
     "budgets": ["flops=0.5"],
-    "seeds": [0, 1],
-    "deterministic": ["uniform", "global"],
+    "main_budget": "flops=0.5",
+    "seeds": [7],
+    "deterministic": ["sensitivity", "uniform", "global"],
     "finetune_epochs": 1,
+    "finetune_batches": 3,
     "task": {"data": {"name": "digits"}, "eval": {"latency_batch_size": 8}},
-    "options": {},
-    "models": {"resnet20": {"evaluations": 4}},
+    "options": {
+        "ddpg": {"warmup_episodes": 2},
+        "evolution": {"population": 3, "parents": 2},
+        "netadapt": {"r0": 0.1, "finetune_batches": 2, "seeds": [0]},
+        "sensitivity": {"grid": [0.4, 0.8]},
+        "global": {"bisection_steps": 6},
+    },
+    "models": {"resnet20": {"evaluations": 4, "seeds": [0, 1]}},
     "extra": [
         {"model": "resnet20", "granularity": "fine", "criterion": "magnitude",
          "budget": "params=0.5", "searchers": ["random", "global"]},
@@ -63,7 +73,17 @@ def _parents(tmp_path: Path) -> list:
 
 
 def test_tiny_benchmark_tables_plots_runs_and_resume(tmp_path, monkeypatch, capsys):
+    import autoprune.apply
+
     monkeypatch.chdir(tmp_path)
+    caps: list[int | None] = []
+    real_fine_tune = autoprune.apply.fine_tune
+
+    def fine_tune(*args, **kwargs):
+        caps.append(kwargs.get("max_batches"))
+        return real_fine_tune(*args, **kwargs)
+
+    monkeypatch.setattr(autoprune.apply, "fine_tune", fine_tune)
     plan = _write(tmp_path, PLAN)
     out = tmp_path / "out"
     out.mkdir()
@@ -78,19 +98,24 @@ def test_tiny_benchmark_tables_plots_runs_and_resume(tmp_path, monkeypatch, caps
     ]  # fmt: skip
     assert all(0.5 < g["dense_test_accuracy"] <= 1.0 and g["dense_latency_ms"] > 0 for g in groups)
     rows = [r for g in groups for r in g["rows"]]
-    # deterministic searchers once, the others once per seed; global is channel-only (left out)
-    assert sorted((r["group"].split("/")[1], r["searcher"], r["seed"]) for r in rows) == [
-        ("channel", "global", 0), ("channel", "random", 0), ("channel", "random", 1),
-        ("channel", "uniform", 0), ("fine", "random", 0), ("fine", "random", 1),
-    ]  # fmt: skip
+    # every searcher ran; the model's seeds (0, 1) replace the plan's (7); deterministic searchers
+    # and netadapt (seeds: [0] in its options) once; global is channel-only (left out of fine)
+    assert sorted((r["group"].split("/")[1], r["searcher"], r["seed"]) for r in rows) == sorted([
+        ("channel", "ddpg", 0), ("channel", "ddpg", 1), ("channel", "evolution", 0),
+        ("channel", "evolution", 1), ("channel", "random", 0), ("channel", "random", 1),
+        ("channel", "netadapt", 0), ("channel", "sensitivity", 0), ("channel", "uniform", 0),
+        ("channel", "global", 0), ("fine", "random", 0), ("fine", "random", 1),
+    ])  # fmt: skip
+    # the same capped fine-tune for every best policy (netadapt's own short fine-tunes: 2)
+    assert caps.count(3) == len(rows) and set(caps) <= {2, 3}
     for r in rows:
         budget = 0.5 + 1e-6
         assert (r["flops_ratio"] if r["granularity"] == "channel" else r["params_ratio"]) <= budget
         assert 0.0 <= r["test_accuracy"] <= 1.0 and 0.0 <= r["test_accuracy_finetuned"] <= 1.0
         assert r["latency_ms"] > 0 and r["latency_ratio"] > 0
         assert r["wall_seconds"] > 0
-    random_rows = [r for r in rows if r["searcher"] == "random"]
-    assert all(r["evaluations"] == 4 and len(r["curve"]) == 4 for r in random_rows)
+    episodic = [r for r in rows if r["searcher"] in ("random", "ddpg", "evolution")]
+    assert all(r["evaluations"] == 4 and len(r["curve"]) == 4 for r in episodic)
     # the latency ratio is the pruned model's measured latency over the dense model's (measured
     # once per group); not asserted < 1: odd channel counts can be slower than dense ones
     for g in groups:
@@ -98,7 +123,8 @@ def test_tiny_benchmark_tables_plots_runs_and_resume(tmp_path, monkeypatch, caps
             assert r["latency_ratio"] == pytest.approx(r["latency_ms"] / g["dense_latency_ms"])
 
     md = (out / "benchmark.md").read_text()
-    assert "## resnet20" in md and "## Targets" in md
+    assert "## resnet20" in md and "## Verdicts" in md
+    assert "- resnet20/channel/flops=0.5: best `" in md and "capped at 3 batches" in md
     assert "| flops=0.5 | channel | uniform |" in md and "1 (deterministic)" in md
     assert "| params=0.5 | fine | random |" in md
     for png in ("benchmark_frontier.png", "benchmark_curves.png"):
@@ -137,3 +163,108 @@ def test_bad_plan_fails_before_any_work(tmp_path, monkeypatch, capsys, change, a
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and "\n" not in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def _rows(group: str, values: dict[str, list[float]]) -> list[dict]:
+    return [
+        {"group": group, "searcher": name, "seed": i, "test_accuracy": v}
+        for name, vs in values.items()
+        for i, v in enumerate(vs)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("values", "best", "wins"),
+    [
+        # a lead larger than both spreads: a win
+        ({"ddpg": [0.80, 0.82], "random": [0.78, 0.80], "uniform": [0.5]}, "ddpg", True),
+        # best on the mean, but the lead (2 points) is inside ddpg's spread (4.2): not a win
+        ({"ddpg": [0.78, 0.84], "random": [0.79, 0.79]}, "ddpg", False),
+        # ... or inside the rival's spread
+        ({"ddpg": [0.81, 0.81], "evolution": [0.75, 0.83]}, "ddpg", False),
+        # ahead with one seed: nothing to measure the spread with, not a win
+        ({"ddpg": [0.90], "random": [0.70, 0.71]}, "ddpg", False),
+        # behind: the other searcher is best
+        ({"ddpg": [0.70, 0.71], "evolution": [0.80, 0.81]}, "evolution", False),
+    ],
+)
+def test_verdict_on_made_up_results(values, best, wins):
+    rows = _rows("m/channel/flops=0.5", values)
+    v = bench.group_verdict(rows, "m/channel/flops=0.5", "test_accuracy", "ddpg")
+    assert v is not None and v["best"] == best and v["agent_wins"] is wins
+    others = [sum(vs) / len(vs) for n, vs in values.items() if n != "ddpg"]
+    mine = sum(values["ddpg"]) / len(values["ddpg"])
+    assert v["lead"] == pytest.approx(mine - max(others))
+    line = bench.verdict_line(v)
+    assert ("**`ddpg` wins**" in line) is wins and ("not a win" in line) is (not wins)
+    text = "\n".join(bench.verdicts(rows, ["m/channel/flops=0.5"], "ddpg"))
+    assert f"`ddpg` wins {int(wins)} of 1 groups" in text
+
+
+def test_verdict_without_the_agent_or_the_column():
+    rows = _rows("g", {"random": [0.5, 0.6], "uniform": [0.4]})
+    v = bench.group_verdict(rows, "g", "test_accuracy", "ddpg")
+    assert v is not None and v["best"] == "random" and not v["agent_wins"]
+    assert "no `ddpg` rows" in bench.verdict_line(v)
+    assert bench.group_verdict(rows, "g", "test_accuracy_finetuned") is None
+
+
+def _idx_plan(tmp_path: Path, path: str | None) -> Path:
+    data = {"name": "fashion_mnist", **({"path": path} if path else {})}
+    return _write(tmp_path, {**PLAN, "task": {"data": data}})
+
+
+def test_missing_fashion_mnist_stops_before_any_work(tmp_path, monkeypatch, capsys):
+    from autoprune.data import idx
+
+    monkeypatch.chdir(tmp_path)
+    # a folder given in the plan: named, nothing installed
+    assert bench.main(_args(tmp_path, _idx_plan(tmp_path, str(tmp_path / "nowhere")))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: fashion_mnist folder") and "nowhere" in err and "\n" not in err
+    # the default folder, not root: says what to install
+    monkeypatch.setattr(idx, "FASHION_MNIST_FOLDER", tmp_path / "absent")
+    monkeypatch.setattr(bench.os, "geteuid", lambda: 1000, raising=False)
+    assert bench.main(_args(tmp_path, _idx_plan(tmp_path, None))) == 2
+    err = capsys.readouterr().err.strip()
+    assert "apt-get install dataset-fashion-mnist" in err and "run as root" in err
+    assert "\n" not in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_fashion_mnist_installed_with_apt_when_root(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    from autoprune.data import idx
+
+    folder = tmp_path / "fmnist"
+    monkeypatch.setattr(idx, "FASHION_MNIST_FOLDER", folder)
+    monkeypatch.setattr(bench.os, "geteuid", lambda: 0, raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    calls: list[list[str]] = []
+
+    def run(cmd, **kwargs):  # the package manager, faked: the second install works
+        calls.append(cmd)
+        if cmd[:2] == ["apt-get", "install"] and len(calls) == 3:
+            folder.mkdir()
+            for pair in idx.FILES.values():
+                for stem in pair:
+                    (folder / (stem + ".gz")).write_bytes(b"")
+            return subprocess.CompletedProcess(cmd, 0, "", "")
+        return subprocess.CompletedProcess(cmd, 100 if cmd[1] == "install" else 0, "", "E: no")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    plan = bench.load_plan(_idx_plan(tmp_path, None), bench.parse_args([]))
+    assert bench.ensure_data(plan) is None
+    assert [c[:2] for c in calls] == [["apt-get", "install"], ["apt-get", "update"],
+                                      ["apt-get", "install"]]  # fmt: skip
+    assert "dataset-fashion-mnist" in calls[0]
+    # and a failure is one line naming what failed
+    shutil.rmtree(folder)
+    calls.clear()
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 100, "", "E: Unable to locate package dataset-fashion-mnist"))  # fmt: skip
+    problem = bench.ensure_data(plan)
+    assert problem is not None and "apt-get install dataset-fashion-mnist failed" in problem
+    assert "Unable to locate package" in problem and "\n" not in problem

@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 
 from autoprune.apply import load_pruned
 from autoprune.cli import app
+from autoprune.config import ConfigError
 from autoprune.costs import measure_macs
 from autoprune.experiment import Journal, _recover
 from autoprune.models import build_model
@@ -531,3 +532,22 @@ def test_a_bad_output_path_is_refused_before_the_search(
                    monkeypatch=monkeypatch, capfd=capfd)  # fmt: skip
     one_line_error(run, words)
     assert not (tmp_path / "mlflow.db").exists()  # nothing ran, nothing was recorded
+
+
+@pytest.mark.parametrize(
+    ("overrides", "where", "message"),
+    [
+        (["search.searchers=[ddpg]", "search.evaluations=20"],
+         "search.options.ddpg.warmup_episodes", "warm-up of 100 episodes must be below"),
+        (["search.searchers=[netadapt]", "granularity=fine", "criterion=magnitude"],
+         "search.searchers", "netadapt supports channel granularity only"),
+    ],
+)  # fmt: skip
+def test_searcher_preflight_fails_at_config_time(overrides, where, message):
+    """Searcher.preflight runs when the config is validated: before any task is built."""
+    from autoprune.experiment import experiment_config
+
+    with pytest.raises(ConfigError) as err:
+        experiment_config(None, overrides)
+    text = str(err.value)
+    assert text.startswith(where + ":") and message in text and "\n" not in text
