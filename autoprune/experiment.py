@@ -454,6 +454,13 @@ def _resumed_config(
         raise TrackingError(f"run {parent} is not an autoprune search launch (a parent run)")
     data = tracker.config_of(parent)
     data.setdefault("tracking", {})["uri"] = given.tracking.uri
+    # Where it runs is the caller's, not the record's: a service resumes its launches on its
+    # own Ray (the recorded config may name none, and a local Ray per launch would start).
+    search = data.setdefault("search", {})
+    if given.search.ray_address is not None:
+        search["ray_address"] = given.search.ray_address
+    if given.search.worker_threads is not None:
+        search["worker_threads"] = given.search.worker_threads
     cfg = experiment_config(data)
     if cfg.tracking.experiment != tracker.experiment:
         tracker = Tracker(given.tracking.uri, cfg.tracking.experiment)

@@ -23,6 +23,7 @@ import hmac
 import io
 import ipaddress
 import json
+import logging
 import os
 import threading
 import time
@@ -56,6 +57,7 @@ from autoprune.jobs import ERROR_TAG, KIND_TAG, LIVE, STATE_TAG, JobManager, req
 from autoprune.limits import BODY_LIMITS, OPTION_LIMITS, Limits
 from autoprune.models import MODELS, build_model, state_dict_mismatch
 from autoprune.parallel import init_ray
+from autoprune.reaper import reap, record_descendants
 from autoprune.tracking import Tracker, TrackingError
 
 API = "/v1"
@@ -66,6 +68,9 @@ FILE_OPTIONS = frozenset({"warm_start", "save_to"})
 
 class ServiceError(RuntimeError):
     """The service cannot start as configured."""
+
+
+log = logging.getLogger("autoprune.service")
 
 
 class Settings(BaseModel):
@@ -220,9 +225,17 @@ class Service:
         if start_jobs:  # one Ray for every launch: local with every core, or the cluster
             import ray
 
+            pids = settings.state_dir / "ray-processes.json"
+            for cmd in reap(pids):  # what a killed predecessor left running
+                log.warning("stopped a process a previous service left running: %s", cmd[:80])
             cores = os.cpu_count() or 1
             init_ray(max(cores, settings.limits.workers), settings.ray_address)
             address = address or ray.get_runtime_context().gcs_address
+            if settings.ray_address is None:  # our own Ray: record it (its agents start late)
+                record_descendants(pids)
+                timer = threading.Timer(15.0, record_descendants, (pids,))
+                timer.daemon = True
+                timer.start()
         self.jobs = JobManager(settings, self.tracker, start=start_jobs, ray_address=address)
         self._terminal: dict[str, SearchStatus] = {}
         self._requeue()

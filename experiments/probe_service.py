@@ -1,6 +1,8 @@
 """The service from outside (issue 17): requests an attacker or a careless client would send,
 what each got, the service's memory on an unauthenticated 40 MB body, and the memory of the
-whole service (its process tree: HTTP, Ray, launches) under 2 concurrent searches.
+whole service (its process tree: HTTP, Ray, launches) under 2 concurrent searches, the number
+of Ray clusters they use, and what a ``SIGKILL`` of the service leaves running before and after
+the service is started again.
 
 Starts ``autoprune serve`` (a token, sqlite MLflow in a temporary folder) and prints a table of
 request categories with the status codes they got, then the memory figures.
@@ -56,6 +58,40 @@ def tree_rss(pid: int) -> int:
         except OSError:
             pass
     return total
+
+
+def ray_processes() -> list[tuple[int, int, str]]:
+    """(pid, parent pid, command) of every Ray process on this machine (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+            cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except OSError:
+            continue
+        if cmd.startswith("ray::") or "/ray/" in cmd:
+            ppid = int(text[text.rfind(")") + 2 :].split()[1])
+            out.append((int(stat.parent.name), ppid, cmd.split()[0].rsplit("/", 1)[-1]))
+    return out
+
+
+def start_service(folder: Path, port: int, log: Any) -> subprocess.Popen:
+    env = {**os.environ, "AUTOPRUNE_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "autoprune"), "serve", "--port", str(port),
+         "--tracking-uri", f"sqlite:///{folder}/mlflow.db", "--max-concurrent", "2"],
+        cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit("the service did not start")
+        time.sleep(0.5)
 
 
 def probes(url: str) -> list[tuple[str, str, Any]]:
@@ -130,24 +166,9 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="autoprune-probe-"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "AUTOPRUNE_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
     log = (folder / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "autoprune"), "serve", "--port", str(port),
-         "--tracking-uri", f"sqlite:///{folder}/mlflow.db", "--max-concurrent", "2"],
-        cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    proc = start_service(folder, port, log)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("the service did not start")
-            time.sleep(0.5)
         print(f"# probe_service {time.strftime('%Y-%m-%d %H:%M')}  pid {proc.pid}\n")
         print("| category | request | status |\n|---|---|---|")
         for category, request, status in probes(url):
@@ -174,7 +195,9 @@ def main() -> None:
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         start = time.perf_counter()
+        clusters = 0
         while True:
+            clusters = max(clusters, sum(c == "gcs_server" for _, _, c in ray_processes()))
             states = [httpx.get(f"{url}/v1/searches/{i}", headers=AUTH, timeout=60).json()["state"]
                       for i in ids]  # fmt: skip
             if all(s not in ("queued", "running") for s in states):
@@ -184,7 +207,21 @@ def main() -> None:
         sampler.join()
         print(f"2 concurrent searches ({args.evaluations} random evaluations each, 1 Ray worker"
               f" each): {states}, {time.perf_counter() - start:.0f} s; service tree RSS idle "
-              f"{idle / 2**20:.0f} MB, peak {peak[0] / 2**20:.0f} MB")  # fmt: skip
+              f"{idle / 2**20:.0f} MB, peak {peak[0] / 2**20:.0f} MB; Ray clusters (GCS "
+              f"servers) at most {clusters}")  # fmt: skip
+
+        # A crash: SIGKILL of the service alone, then a new start on the same store.
+        httpx.post(f"{url}/v1/searches", json=search, headers=AUTH, timeout=60)
+        time.sleep(15)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        time.sleep(10)
+        left = [f"{c} (pid {p})" for p, pp, c in ray_processes() if pp == 1]
+        print(f"\nafter SIGKILL of the service: Ray processes left running: {left or 'none'}")
+        proc = start_service(folder, port, log)
+        time.sleep(2)
+        left = [f"{c} (pid {p})" for p, pp, c in ray_processes() if pp == 1]
+        print(f"after the service started again: orphaned Ray processes: {left or 'none'}")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -4,6 +4,7 @@ header without a token, and launches on the service's own Ray with no run left R
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from autoprune.experiment import ExperimentConfig, _resumed_config
 from autoprune.jobs import JobManager
 from autoprune.limits import Limits
 from autoprune.service import Settings, create_app
@@ -259,6 +261,44 @@ def test_resumed_launches_use_the_service_ray_and_leave_no_run_running(tmp_path,
     resumed = jobs.resume(job.id, "search", experiment_config(tracker.config_of(job.id)))
     jobs._run(resumed, resume=True)  # a resume, from the recorded config: the same Ray
     assert seen[1]["search"]["ray_address"] == "127.0.0.1:6390"
+    # ... and what the launch process runs: the recorded config (which names no Ray) with the
+    # service's Ray kept, not a local Ray of its own
+    assert tracker.config_of(job.id)["search"]["ray_address"] is None
+    ran, _ = _resumed_config(tracker, ExperimentConfig.model_validate(seen[1]), job.id)
+    assert ran.search.ray_address == "127.0.0.1:6390"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux /proc")
+def test_processes_a_killed_service_left_are_stopped_on_the_next_start(tmp_path):
+    import subprocess
+    import sys
+
+    from autoprune import reaper
+
+    script = tmp_path / "ray" / "agent.py"  # a stand-in for ray::DashboardAgent
+    script.parent.mkdir()
+    script.write_text("import time\ntime.sleep(120)\n")
+    other = tmp_path / "other.py"
+    other.write_text("import time\ntime.sleep(120)\n")
+    agent = subprocess.Popen([sys.executable, str(script)])
+    bystander = subprocess.Popen([sys.executable, str(other)])
+    try:
+        pids = tmp_path / "state" / "ray-processes.json"
+        assert reaper.record_descendants(pids) >= 1
+        rows = json.loads(pids.read_text())
+        assert agent.pid in [r["pid"] for r in rows]
+        assert bystander.pid not in [r["pid"] for r in rows]  # not a Ray process
+        # a pid recorded with another start time belongs to a new process: left alone
+        rows.append({"pid": bystander.pid, "start": 1, "cmd": "/ray/recycled"})
+        pids.write_text(json.dumps(rows))
+        stopped = reaper.reap(pids)
+        assert agent.wait(timeout=10) == -9 and any("agent.py" in c for c in stopped)
+        assert bystander.poll() is None and not pids.exists()
+        assert reaper.reap(pids) == []  # nothing recorded: nothing to do
+    finally:
+        for proc in (agent, bystander):
+            proc.kill()
+            proc.wait()
 
 
 def test_limits_are_listed_in_serve_help_and_set_by_name():
