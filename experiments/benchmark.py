@@ -219,6 +219,10 @@ def load_plan(path: Path, args: argparse.Namespace) -> Plan:
             model = extra["model"]
             if model not in models:
                 continue
+            if args.budgets and str(Budget.parse(str(extra["budget"]))) not in {
+                str(Budget.parse(b)) for b in args.budgets
+            }:  # --budgets narrows the granularity groups too
+                continue
             granularity = extra["granularity"]
             names = [
                 s for s in extra.get("searchers", searchers)

@@ -268,3 +268,20 @@ def test_fashion_mnist_installed_with_apt_when_root(tmp_path, monkeypatch):
     problem = bench.ensure_data(plan)
     assert problem is not None and "apt-get install dataset-fashion-mnist failed" in problem
     assert "Unable to locate package" in problem and "\n" not in problem
+
+
+def test_budgets_narrow_the_granularity_groups_and_models_set_seeds(tmp_path):
+    plan_path = _write(tmp_path, PLAN)
+    narrowed = bench.load_plan(plan_path, bench.parse_args(["--budgets", "flops=0.5"]))
+    assert [g.key for g in narrowed.groups] == ["resnet20/channel/flops=0.5"]
+    both = bench.load_plan(plan_path, bench.parse_args(["--budgets", "flops=0.5,params=0.5"]))
+    assert [g.key for g in both.groups] == [
+        "resnet20/channel/flops=0.5", "resnet20/channel/params=0.5", "resnet20/fine/params=0.5"
+    ]  # fmt: skip
+    cfg = both.config(both.groups[0], None)
+    assert cfg.search.seeds == [0, 1]  # the model's seeds
+    assert cfg.search.options["uniform"]["seeds"] == [0]  # deterministic: once
+    assert cfg.search.options["ddpg"]["evaluations"] == 4  # equal evaluations ...
+    assert "evaluations" not in cfg.search.options["sensitivity"]  # ... but not for the scan
+    forced = bench.load_plan(plan_path, bench.parse_args(["--seeds", "3"]))
+    assert forced.config(forced.groups[0], None).search.seeds == [3]  # --seeds wins
