@@ -25,7 +25,7 @@ steps. ``bootstrap=True`` keeps SB3's usual TD target.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -182,6 +182,15 @@ class AMCDDPG(DDPG):
 
     def __init__(self, *args: Any, critic_lr: float | None = None, **kwargs: Any) -> None:
         self.critic_lr = critic_lr
+        # Elite exploration (off by default): set by DDPGSearcher._build. With probability
+        # ``elite_prob`` an episode after the warm-up explores around the best policy found so
+        # far (``elite()``: its actions, one per unit) instead of around the actor's output;
+        # the transitions train the actor and critic all the same (DDPG is off-policy).
+        self.elite: Callable[[], np.ndarray | None] | None = None
+        self.elite_prob = 0.0
+        self.elite_rng = np.random.default_rng(0)
+        self.units = 1
+        self._elite_mask = np.zeros(1, dtype=bool)
         super().__init__(*args, **kwargs)
 
     def _update_learning_rate(self, optimizers: Any) -> None:
@@ -203,8 +212,17 @@ class AMCDDPG(DDPG):
             return super()._sample_action(learning_starts, action_noise, n_envs)
         assert self._last_obs is not None
         unscaled, _ = self.predict(self._last_obs, deterministic=True)
+        centre = np.array(self.policy.scale_action(unscaled), dtype=np.float64).reshape(n_envs, -1)
+        if self.elite is not None and self.elite_prob > 0:
+            # Episodes run in lockstep, one unit per step: the unit of this step.
+            t = (self.num_timesteps // n_envs) % self.units
+            if t == 0 or len(self._elite_mask) != n_envs:
+                self._elite_mask = self.elite_rng.random(n_envs) < self.elite_prob
+            best = self.elite() if self._elite_mask.any() else None
+            if best is not None:
+                centre[self._elite_mask, 0] = best[t]
         # One generator for every environment (SB3's per-env copies would repeat its draws).
-        scaled = noises[0].around(self.policy.scale_action(unscaled))
+        scaled = noises[0].around(centre).reshape(n_envs, -1).astype(np.float32)
         return self.policy.unscale_action(scaled), scaled
 
 
@@ -288,6 +306,9 @@ class DDPGSearcher(Searcher):
         # Store the applied (budget-clipped) action in the replay buffer; False: the proposed
         # one, as AMC's code does (its critic then learns from actions never taken).
         "store_applied": True,
+        # Probability that an episode after the warm-up explores around the best policy found
+        # so far rather than around the actor's action (0: AMC, always the actor).
+        "elite_prob": 0.0,
     }
     option_types: ClassVar[dict[str, Any]] = {
         "algo": Literal["ddpg", "td3"],
@@ -318,6 +339,7 @@ class DDPGSearcher(Searcher):
         "device": Literal["cpu", "cuda", "auto"],
         "gradient_steps": Annotated[int, Field(ge=1, le=10_000)] | None,
         "store_applied": bool,
+        "elite_prob": Annotated[float, Field(ge=0, le=1)],
     }
 
     @classmethod
@@ -326,6 +348,11 @@ class DDPGSearcher(Searcher):
         opts = {**cls.defaults, **options}
         if opts["device"] == "cuda" and not ctx.cuda:
             out.append((("options", cls.name, "device"), "no CUDA device here (use cpu or auto)"))
+        if opts["elite_prob"] > 0 and (opts["algo"], opts["noise"]) != ("ddpg", "truncated_normal"):
+            out.append((
+                ("options", cls.name, "elite_prob"),
+                "elite exploration needs algo ddpg and truncated_normal noise",
+            ))  # fmt: skip
         warm = int(opts["warmup_episodes"]) if opts["warm_start"] is None else 0
         if ctx.evaluations is not None and warm >= ctx.evaluations:
             out.append((
@@ -342,6 +369,10 @@ class DDPGSearcher(Searcher):
             raise SearchError(f"ddpg option algo must be 'ddpg' or 'td3', got {opts['algo']!r}")
         if opts["noise"] not in ("truncated_normal", "normal", "none"):
             raise SearchError(f"unknown noise {opts['noise']!r}: truncated_normal, normal, none")
+        if opts["elite_prob"] > 0 and (
+            opts["algo"] != "ddpg" or opts["noise"] != "truncated_normal"
+        ):
+            raise SearchError("ddpg option elite_prob needs algo ddpg and truncated_normal noise")
         warm = int(opts["warmup_episodes"]) if opts["warm_start"] is None else 0
         assert self.evaluations is not None
         if warm >= self.evaluations:
@@ -403,7 +434,19 @@ class DDPGSearcher(Searcher):
             return model
         if opts["algo"] == "td3":
             return TD3("MlpPolicy", vec_env, **kwargs)
-        return AMCDDPG("MlpPolicy", vec_env, critic_lr=opts["critic_lr"], **kwargs)
+        model = AMCDDPG("MlpPolicy", vec_env, critic_lr=opts["critic_lr"], **kwargs)
+        if opts["elite_prob"] > 0:
+            model.elite, model.elite_prob, model.units = self._elite_actions, opts["elite_prob"], n
+            model.elite_rng = np.random.default_rng([self.seed, 1])
+        return model
+
+    def _elite_actions(self) -> np.ndarray | None:
+        """The best policy so far as the actions that give it (one per unit), or None."""
+        best = self.result.best
+        if best is None:
+            return None
+        ratios = self.task.ratio_vector(best.ratios)
+        return np.clip(2.0 * ratios / self.env.max_ratio - 1.0, -1.0, 1.0)
 
     def episode_done(self, info: dict[str, Any], warmup: bool) -> None:
         """Record a finished episode (its evaluation comes in the episode's last info)."""

@@ -114,6 +114,8 @@ def test_gradient_steps_per_episode(default_task):
         ({"reward": "bogus"}, "unknown reward 'bogus'"),
         ({"net_arch": [64, 0]}, "net_arch.1=0"),
         ({"algo": "sac"}, "algo='sac': Input should be 'ddpg' or 'td3'"),
+        ({"elite_prob": 1.5}, "elite_prob=1.5: Input should be less than or equal to 1"),
+        ({"elite_prob": 0.5, "algo": "td3"}, "elite_prob needs algo ddpg"),
     ],
 )
 def test_malformed_options_are_refused_clearly(default_task, options, words):
@@ -148,3 +150,24 @@ def test_replay_buffer_holds_the_applied_actions(default_task, episode_credit):
     applied = np.array([2.0 * r / max_ratio - 1.0 for _, r in steps[: len(stored)]])
     np.testing.assert_allclose(stored, applied, atol=1e-5)
     assert np.abs(np.clip(proposed, -1, 1) - applied).max() > 0.1  # clipping moved some
+
+
+def test_elite_exploration_searches_around_the_best_policy(default_task):
+    """elite_prob=1: every episode after the warm-up is the best policy so far plus small noise;
+    elite_prob=0 (AMC) explores around the actor, far from it."""
+    budget, n = "flops=0.5", 16
+    distance = {}
+    for prob in (0.0, 1.0):
+        result = search(
+            "ddpg", default_task, budget, seed=0, evaluations=n, warmup_episodes=8,
+            sigma=0.01, sigma_decay=1.0, elite_prob=prob,
+        )  # fmt: skip
+        gaps = []
+        for i, rec in enumerate(result.history[8:], 8):
+            earlier = [r for r in result.history[:i] if r.meets_budget]
+            best = max(earlier, key=lambda r: r.accuracy)
+            mine = default_task.ratio_vector(rec.ratios)
+            gaps.append(np.abs(mine - default_task.ratio_vector(best.ratios)).mean())
+        distance[prob] = float(np.mean(gaps))
+        assert result.evaluations == n and result.best is not None
+    assert distance[1.0] < 0.02 < distance[0.0], distance
