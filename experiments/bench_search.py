@@ -249,6 +249,8 @@ def main() -> None:
         help="extra row LABEL=SEARCHER:key=value,... (list LABEL in --searchers)",
     )
     parser.add_argument("--agent", default="ddpg", help="the row the verdict judges")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="task config override, e.g. data.search_size=2000")  # fmt: skip
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--table-only", action="store_true", help="rebuild the tables only")
     args = parser.parse_args()  # fmt: skip
@@ -260,8 +262,9 @@ def main() -> None:
     rows = _load(log)
     if not args.table_only:
         torch.set_num_threads(1)
-        task = ap.build_task(None, [f"model.name={args.model}", f"data.name={args.data}"],
-                             progress=True)  # fmt: skip
+        task = ap.build_task(
+            None, [f"model.name={args.model}", f"data.name={args.data}", *args.set], progress=True
+        )
         for budget in args.budgets:
             task.check_budget(budget)  # every budget reachable, before anything runs
         done = {(r["budget"], r["searcher"], r["seed"]) for r in rows}
