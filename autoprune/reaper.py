@@ -58,30 +58,43 @@ def descendants(pid: int) -> list[int]:
 
 
 def record_descendants(path: Path, pid: int | None = None) -> int:
-    """Write the Ray processes below ``pid`` (default: this process) to ``path``; their count."""
+    """Write the Ray processes below ``pid`` (default: this process, their owner) to ``path``;
+    their count."""
     if not PROC.is_dir():
         return 0
+    owner = os.getpid() if pid is None else pid
     rows = []
-    for child in descendants(os.getpid() if pid is None else pid):
+    for child in descendants(owner):
         start, cmd = _start_time(child), _cmdline(child)
         if start is not None and _is_ray(cmd):
             rows.append({"pid": child, "start": start, "cmd": cmd[:200]})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows))
+    tmp.write_text(json.dumps({"owner": {"pid": owner, "start": _start_time(owner)},
+                               "processes": rows}))  # fmt: skip
     tmp.replace(path)
     return len(rows)
 
 
 def reap(path: Path) -> list[str]:
     """Stop (SIGKILL) the processes recorded in ``path`` that still run with the same start
-    time; the file is removed. Returns the commands of the processes stopped."""
+    time, unless the service that recorded them is itself still running; the file is then
+    removed. Returns the commands of the processes stopped."""
     if not path.is_file():
         return []
     try:
-        rows = json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError):
-        rows = []
+        record = {}
+    record = record if isinstance(record, dict) else {}
+    owner = record.get("owner") or {}
+    try:
+        alive = _start_time(int(owner["pid"])) == int(owner["start"])
+    except (KeyError, TypeError, ValueError):
+        alive = False
+    if alive:  # the service that recorded them still runs (a second one on the same state)
+        return []
+    rows = record.get("processes")
     stopped = []
     for row in rows if isinstance(rows, list) else []:
         try:

@@ -285,12 +285,17 @@ def test_processes_a_killed_service_left_are_stopped_on_the_next_start(tmp_path)
     try:
         pids = tmp_path / "state" / "ray-processes.json"
         assert reaper.record_descendants(pids) >= 1
-        rows = json.loads(pids.read_text())
+        record = json.loads(pids.read_text())
+        rows = record["processes"]
         assert agent.pid in [r["pid"] for r in rows]
         assert bystander.pid not in [r["pid"] for r in rows]  # not a Ray process
-        # a pid recorded with another start time belongs to a new process: left alone
+        # while the service that recorded them (this process) runs, nothing is touched
+        assert reaper.reap(pids) == [] and agent.poll() is None and pids.exists()
+        # the owner gone (a start time no process has); a pid recorded with another start time
+        # belongs to a new process: left alone
+        record["owner"]["start"] = -1
         rows.append({"pid": bystander.pid, "start": 1, "cmd": "/ray/recycled"})
-        pids.write_text(json.dumps(rows))
+        pids.write_text(json.dumps(record))
         stopped = reaper.reap(pids)
         assert agent.wait(timeout=10) == -9 and any("agent.py" in c for c in stopped)
         assert bystander.poll() is None and not pids.exists()
