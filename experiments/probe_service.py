@@ -37,6 +37,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc)."""
+    from autoprune.reaper import descendants as below
+
+    return below(pid)
+
+
 def tree_rss(pid: int) -> int:
     """Resident memory of a process and all its descendants, in bytes (Linux /proc)."""
     children: dict[int, list[int]] = {}
@@ -197,7 +204,9 @@ def main() -> None:
         start = time.perf_counter()
         clusters = 0
         while True:
-            clusters = max(clusters, sum(c == "gcs_server" for _, _, c in ray_processes()))
+            mine = set(descendants(proc.pid))  # the service's own tree, not other jobs' Ray
+            clusters = max(clusters, sum(c == "gcs_server" for p, _, c in ray_processes()
+                                         if p in mine))  # fmt: skip
             states = [httpx.get(f"{url}/v1/searches/{i}", headers=AUTH, timeout=60).json()["state"]
                       for i in ids]  # fmt: skip
             if all(s not in ("queued", "running") for s in states):
@@ -208,7 +217,7 @@ def main() -> None:
         print(f"2 concurrent searches ({args.evaluations} random evaluations each, 1 Ray worker"
               f" each): {states}, {time.perf_counter() - start:.0f} s; service tree RSS idle "
               f"{idle / 2**20:.0f} MB, peak {peak[0] / 2**20:.0f} MB; Ray clusters (GCS "
-              f"servers) at most {clusters}")  # fmt: skip
+              f"servers below the service) at most {clusters}")  # fmt: skip
 
         # A crash: SIGKILL of the service alone, then a new start on the same store.
         httpx.post(f"{url}/v1/searches", json=search, headers=AUTH, timeout=60)
