@@ -183,7 +183,7 @@ def load_plan(path: Path, args: argparse.Namespace) -> Plan:
         task=dict(raw.get("task") or {}),
         options=dict(raw.get("options") or {}),
         finetune_batches=raw.get("finetune_batches"),
-        main_budget=str(Budget.parse(str(raw.get("main_budget", MAIN_BUDGET)))),
+        main_budget=str(raw.get("main_budget", MAIN_BUDGET)),  # as the groups spell it
         agent=str(raw.get("agent", "ddpg")),
         own_evaluations=list(raw.get("own_evaluations", ["sensitivity"])),
     )
@@ -238,6 +238,7 @@ def load_plan(path: Path, args: argparse.Namespace) -> Plan:
                         model_seeds(spec),
                     )
                 )  # fmt: skip
+    Budget.parse(plan.main_budget)
     if not plan.groups:
         raise ConfigError("the benchmark plan has no group (models x budgets) to run")
     for group in plan.groups:

@@ -125,6 +125,7 @@ def test_tiny_benchmark_tables_plots_runs_and_resume(tmp_path, monkeypatch, caps
     md = (out / "benchmark.md").read_text()
     assert "## resnet20" in md and "## Verdicts" in md
     assert "- resnet20/channel/flops=0.5: best `" in md and "capped at 3 batches" in md
+    assert "| ddpg | -" not in md  # the main table has the main budget's numbers
     assert "| flops=0.5 | channel | uniform |" in md and "1 (deterministic)" in md
     assert "| params=0.5 | fine | random |" in md
     for png in ("benchmark_frontier.png", "benchmark_curves.png"):
