@@ -351,7 +351,7 @@ class DDPGSearcher(Searcher):
         if opts["elite_prob"] > 0 and (opts["algo"], opts["noise"]) != ("ddpg", "truncated_normal"):
             out.append((
                 ("options", cls.name, "elite_prob"),
-                "elite exploration needs algo ddpg and truncated_normal noise",
+                "elite_prob needs algo ddpg and truncated_normal noise",
             ))  # fmt: skip
         warm = int(opts["warmup_episodes"]) if opts["warm_start"] is None else 0
         if ctx.evaluations is not None and warm >= ctx.evaluations:
@@ -369,10 +369,6 @@ class DDPGSearcher(Searcher):
             raise SearchError(f"ddpg option algo must be 'ddpg' or 'td3', got {opts['algo']!r}")
         if opts["noise"] not in ("truncated_normal", "normal", "none"):
             raise SearchError(f"unknown noise {opts['noise']!r}: truncated_normal, normal, none")
-        if opts["elite_prob"] > 0 and (
-            opts["algo"] != "ddpg" or opts["noise"] != "truncated_normal"
-        ):
-            raise SearchError("ddpg option elite_prob needs algo ddpg and truncated_normal noise")
         warm = int(opts["warmup_episodes"]) if opts["warm_start"] is None else 0
         assert self.evaluations is not None
         if warm >= self.evaluations:
@@ -380,6 +376,10 @@ class DDPGSearcher(Searcher):
                 f"evaluation budget {self.evaluations} is not larger than the warm-up of "
                 f"{warm} episodes; raise evaluations or lower warmup_episodes"
             )
+        ctx = Preflight(self.task.space.granularity, self.evaluations, len(self.task.space),
+                        torch.cuda.is_available())  # fmt: skip
+        for where, message in self.preflight(opts, ctx)[:1]:  # the checks configs get
+            raise SearchError(f"ddpg option {where[-1]}: {message}")
         if opts["warm_start"] is not None and not Path(opts["warm_start"]).is_file():
             raise SearchError(f"warm_start agent not found: {opts['warm_start']}")
         self.warmup = warm

@@ -344,14 +344,11 @@ class Service:
 
     def _check_runnable(self, cfg: ExperimentConfig) -> None:
         """What would only fail after launch, checked before 202: the device, the budget's
-        reachability on the model, and each searcher's own :meth:`Searcher.preflight` (channel
-        granularity, ddpg's warm-up against its episodes, sensitivity's scan against its
-        evaluations, ...)."""
+        reachability on the model, and each searcher's own :meth:`Searcher.preflight` with what
+        the config check could not know (the model's units, this machine's CUDA)."""
         cuda = torch.cuda.is_available()
         if cfg.device == "cuda" and not cuda:
             raise _unprocessable(["device"], "this service has no CUDA device (use cpu or auto)")
-        for name in cfg.search.searchers:  # option-only checks first: no model needed
-            self._preflight(cfg, name, None, cuda)
         units, reachable = _structure(cfg)
         if not reachable[0]:
             raise _unprocessable(["search", "budget"], reachable[1])
@@ -359,7 +356,7 @@ class Service:
             self._preflight(cfg, name, units, cuda)
 
     @staticmethod
-    def _preflight(cfg: ExperimentConfig, name: str, units: int | None, cuda: bool) -> None:
+    def _preflight(cfg: ExperimentConfig, name: str, units: int, cuda: bool) -> None:
         ctx = Preflight(cfg.granularity, _evaluations_for(cfg.search, name), units, cuda)
         problems = get_searcher(name).preflight(cfg.search.options.get(name, {}), ctx)
         if problems:
