@@ -387,6 +387,8 @@ class DDPGSearcher(Searcher):
             self.task, self.budget, reward=opts["reward"], evaluator=self.evaluator
         )
         self.model: DDPG | TD3 | None = None
+        self._sub_envs: VecEnv | None = None  # Ray sub-environments, while a search runs
+        self._sent_threshold: float | None = None
 
     def _noise(self) -> ActionNoise | None:
         opts = self.options
@@ -455,9 +457,14 @@ class DDPGSearcher(Searcher):
         evaluation = Evaluation(**info["evaluation"])
         reward = float(self.env.reward_fn(evaluation))
         self.record(evaluation, reward=reward, note="warm-up" if warmup else "")
-        # The next episode's policy may be rejected early against the best so far (the local
-        # environment only; Ray sub-environments evaluate every policy in full).
-        self.env.reject_below = self.reject_below
+        # The next episode's policy may be rejected early against the best so far, here and in
+        # the Ray sub-environments (told only when the best changes: one round trip each; a
+        # restarted sub-environment evaluates in full until the next change).
+        threshold = self.reject_below
+        self.env.reject_below = threshold
+        if self._sub_envs is not None and threshold != self._sent_threshold:
+            self._sub_envs.set_attr("reject_below", threshold)
+            self._sent_threshold = threshold
 
     def _vec_env(self) -> VecEnv:
         """One environment here, or one per Ray worker (each in its own actor, holding the
@@ -472,7 +479,9 @@ class DDPGSearcher(Searcher):
             remote_env, self.backend.spec_ref, self.budget.to_dict(), self.options["reward"]
         )
         setup = partial(torch.set_num_threads, self.backend.threads)
-        return RayVecEnv([make] * self.backend.workers, worker_setup=setup)
+        self._sub_envs = RayVecEnv([make] * self.backend.workers, worker_setup=setup)
+        self._sent_threshold = None
+        return self._sub_envs
 
     def _search(self) -> None:
         torch.manual_seed(self.seed)
@@ -488,6 +497,7 @@ class DDPGSearcher(Searcher):
             self.model.learn(total_timesteps=steps, callback=callback, reset_num_timesteps=True)
         finally:
             vec_env.close()
+            self._sub_envs = None
         self.result.info["n_envs"] = vec_env.num_envs
         if self.options["save_to"] is not None:
             self.save(self.options["save_to"])

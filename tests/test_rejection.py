@@ -124,3 +124,27 @@ def test_a_recorded_partial_row_replays_as_partial(task: Task) -> None:
     assert _evaluation(task, row).partial
     assert not _evaluation(task, {**row, "partial": False}).partial
     assert not _evaluation(task, {k: v for k, v in row.items() if k != "partial"}).partial
+
+
+def test_ddpg_on_ray_subenvironments_rejects_early(task: Task, ray_session: Any) -> None:
+    """The agent's Ray sub-environments learn the best so far as it changes: hopeless
+    episodes are scored on a slice there too, and the best is always a full evaluation."""
+    from autoprune.parallel import RayBackend
+
+    backend = RayBackend(task, workers=2)
+    try:
+        result = search(
+            "ddpg", task, "flops=0.5", seed=0, evaluations=16, backend=backend,
+            warmup_episodes=8, batch_size=16,
+        )  # fmt: skip
+    finally:
+        backend.close()
+    assert result.info["n_envs"] == 2
+    partial = [r for r in result.history if r.partial]
+    assert partial, "some of the agent's episodes on Ray should be rejected early"
+    assert all(r.index > 2 for r in partial)  # the first round has nothing to beat
+    assert result.best is not None and not result.best.partial
+    for r in partial:  # rejected against a full evaluation recorded before its round
+        earlier = [h.accuracy for h in result.history[: 2 * ((r.index - 1) // 2)]
+                   if h.meets_budget and not h.partial]  # fmt: skip
+        assert r.accuracy < max(earlier)

@@ -115,6 +115,29 @@ def test_apply_iterative_and_save_load(default_task, tmp_path):
     assert loaded.ratios == policy.ratios
 
 
+def test_apply_scores_the_test_split_once_per_model(default_task, monkeypatch):
+    """The dense model is scored once per task, each applied policy once before and once after
+    its fine-tune; the reported figures are those of independent passes over the test split."""
+    vec = default_task.project(np.zeros(len(default_task.units)), ap.Budget.parse("flops=0.5"))
+    calls: list[str] = []
+    score = type(default_task).score
+
+    def counting(self, model, split="search"):
+        calls.append(split)
+        return score(self, model, split)
+
+    monkeypatch.setattr(type(default_task), "score", counting)
+    first = ap.apply_policy(default_task, vec, finetune_epochs=1, latency=False)
+    calls.clear()
+    second = ap.apply_policy(default_task, vec, finetune_epochs=1, latency=False)
+    assert calls.count("test") == 2  # pruned before and after the fine-tune; the dense: reused
+    monkeypatch.undo()
+    assert second.before == first.before
+    assert second.before["test_accuracy"] == default_task.score(default_task.model, "test")[0]
+    assert second.after["test_accuracy"] == default_task.score(second.model, "test")[0]
+    assert second.steps[-1]["test_accuracy"] == second.after["test_accuracy"]
+
+
 @pytest.mark.parametrize("granularity", ["fine", "nm"])
 def test_masked_granularities_evaluate(granularity: str):
     task = ap.build_task(overrides=[f"granularity={granularity}", "criterion=magnitude"])
