@@ -380,6 +380,9 @@ class DDPGSearcher(Searcher):
                         torch.cuda.is_available())  # fmt: skip
         for where, message in self.preflight(opts, ctx)[:1]:  # the checks configs get
             raise SearchError(f"ddpg option {where[-1]}: {message}")
+        if opts["reward"] == "loss" and self.task.metric is not None:
+            raise SearchError("ddpg option reward: 'loss' needs the cross-entropy, and this "
+                              "task scores with its own metric (no loss); use 'acc'")  # fmt: skip
         if opts["warm_start"] is not None and not Path(opts["warm_start"]).is_file():
             raise SearchError(f"warm_start agent not found: {opts['warm_start']}")
         self.warmup = warm

@@ -47,7 +47,8 @@ class PruningEnv(gym.Env):
 
     ## Rewards
     0.0 on every step but the last; then ``reward(evaluation)``: ``acc`` (search accuracy; the
-    budget is guaranteed by clipping), ``acc_log_flops`` / ``acc_log_params`` /
+    budget is guaranteed by clipping), ``loss`` (minus the search split's cross-entropy),
+    ``acc_log_flops`` / ``acc_log_params`` /
     ``acc_log_latency`` (``-error * log(cost ratio)``), or any callable of an
     :class:`~autoprune.evaluate.Evaluation`.
 
@@ -83,6 +84,9 @@ class PruningEnv(gym.Env):
         super().__init__()
         self.reward_name, self.reward_fn = get_reward(reward)  # cheap checks first
         self.task = task if isinstance(task, Task) else build_task(task)  # type: ignore[arg-type]
+        if self.reward_name == "loss" and self.task.metric is not None:
+            raise ValueError("reward 'loss' needs the cross-entropy, and this task scores with "
+                             "its own metric (no loss); use 'acc'")  # fmt: skip
         space = self.task.space
         self.max_ratio = float(space.max_ratio if max_ratio is None else max_ratio)
         if not 0 < self.max_ratio <= space.max_ratio:

@@ -1,9 +1,10 @@
 """Reward functions of the pruning environment (AMC, He et al. 2018), behind a registry.
 
-Each reward is a small function of the terminal evaluation. Use ``acc`` with a hard budget
-(budget-constrained search: the budget is guaranteed by action clipping, so the reward only has
-to rank accuracy) and the ``acc_log_*`` rewards for accuracy-guaranteed search, where the agent
-also gains from removing more cost: ``-error * log(cost)`` (AMC's R_FLOPs).
+Each reward is a small function of the terminal evaluation. Use ``acc`` (or ``loss``, minus the
+search split's cross-entropy) with a hard budget (budget-constrained search: the budget is
+guaranteed by action clipping, so the reward only has to rank accuracy) and the ``acc_log_*``
+rewards for accuracy-guaranteed search, where the agent also gains from removing more cost:
+``-error * log(cost)`` (AMC's R_FLOPs).
 """
 
 from __future__ import annotations
@@ -29,6 +30,17 @@ def register(name: str) -> Callable[[Reward], Reward]:
 def acc(e: Evaluation) -> float:
     """Accuracy on the search split (AMC's acc_reward)."""
     return float(e.accuracy)
+
+
+@register("loss")
+def loss(e: Evaluation) -> float:
+    """Minus the cross-entropy on the search split: the quantity automatic ratio search
+    minimises in the MIT 6.5940 framing, smoother than top-1 accuracy on a finite split (it
+    moves with every image's confidence, not only with the ones that change class)."""
+    if math.isnan(e.loss):
+        raise ValueError("reward 'loss' needs the search split's loss, which a task metric "
+                         "does not give; use reward 'acc'")  # fmt: skip
+    return -float(e.loss)
 
 
 def _log_cost(error: float, cost: float | None, name: str) -> float:

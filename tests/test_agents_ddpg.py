@@ -171,3 +171,32 @@ def test_elite_exploration_searches_around_the_best_policy(default_task):
         distance[prob] = float(np.mean(gaps))
         assert result.evaluations == n and result.best is not None
     assert distance[1.0] < 0.02 < distance[0.0], distance
+
+
+def test_the_loss_reward_is_minus_the_search_cross_entropy(default_task):
+    """reward='loss': every episode's reward is minus the mean cross-entropy of its pruned,
+    BN-recalibrated model on the search split, computed here with torch alone."""
+    import torch
+    import torch.nn.functional as F
+
+    from autoprune.training import recalibrate_bn
+
+    result = search(
+        "ddpg", default_task, "flops=0.5", seed=0, evaluations=6, warmup_episodes=3,
+        reward="loss",
+    )  # fmt: skip
+    assert len(result.history) == 6 and result.best is not None
+    cfg = default_task.config.eval
+    x_bn, _ = default_task.data.subset("train", cfg.bn_batches * cfg.bn_batch_size,
+                                       seed=default_task.config.seed)  # fmt: skip
+    split = default_task.search_split
+    for rec in (result.history[0], result.history[-1]):
+        model = default_task.prune(rec.ratios)
+        recalibrate_bn(
+            model, x_bn, cfg.bn_batches, cfg.bn_batch_size, seed=default_task.config.seed
+        )
+        with torch.no_grad():
+            ce = F.cross_entropy(model.eval()(split.x), split.y).item()
+        assert rec.reward == pytest.approx(-ce, rel=1e-3, abs=1e-4)
+    # accuracy still picks the best policy: the reward only drives the agent
+    assert result.best.accuracy == max(r.accuracy for r in result.history if r.meets_budget)

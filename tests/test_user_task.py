@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from autoprune.agents import search
+from autoprune.agents import SearchError, search
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -188,3 +188,13 @@ def test_user_task_drives_the_environment_and_sensitivity():
     assert info["evaluation"]["flops_ratio"] <= 0.6 + 1e-9
     sens = scan(Evaluator(task), grid=[0.5])
     assert set(sens.units) == set(task.units)
+
+
+def test_the_loss_reward_is_refused_for_a_task_with_its_own_metric():
+    task = _loader_task(metric=top1_percent)
+    with pytest.raises(SearchError, match="'loss' needs the cross-entropy"):
+        search("ddpg", task, "flops=0.5", evaluations=4, warmup_episodes=2, reward="loss")
+    from autoprune.envs import PruningEnv
+
+    with pytest.raises(ValueError, match="'loss' needs the cross-entropy"):
+        PruningEnv(task, "flops=0.5", reward="loss")
