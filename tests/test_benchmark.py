@@ -286,3 +286,25 @@ def test_budgets_narrow_the_granularity_groups_and_models_set_seeds(tmp_path):
     assert "evaluations" not in cfg.search.options["sensitivity"]  # ... but not for the scan
     forced = bench.load_plan(plan_path, bench.parse_args(["--seeds", "3"]))
     assert forced.config(forced.groups[0], None).search.seeds == [3]  # --seeds wins
+
+
+def test_cost_estimate_counts_the_plans_searches_and_evaluations(tmp_path):
+    """experiments/bench_costs.py: a group's estimate from given unit costs (made up here)."""
+    path = ROOT / "experiments" / "bench_costs.py"
+    spec = importlib.util.spec_from_file_location("bench_costs", path)
+    assert spec is not None and spec.loader is not None
+    costs_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(costs_mod)
+    plan = bench.load_plan(_write(tmp_path, PLAN), bench.parse_args(["--workers", "2"]))
+    cost = {"units": 10, "evaluation_s": 3.0, "test_s": 5.0, "finetune_s": 20.0,
+            "latency_table_s": None}  # fmt: skip
+    channel, fine = (costs_mod.group_estimate(plan, g, cost) for g in plan.groups)
+    # ddpg, evolution, random x 2 seeds x 4 evaluations; sensitivity 10 units x 2 grid + 2;
+    # uniform and global one each; netadapt left out
+    assert channel["searches"] == 6 + 3
+    assert channel["evaluations"] == 24 + 22 + 2
+    assert channel["search_min"] == pytest.approx(48 * 3.0 / 2 / 60)
+    assert channel["after_min"] == pytest.approx(9 * (2 * 5.0 + 20.0) / 60)
+    assert plan.groups[1].searchers == ("random",)  # global is channel-only
+    assert fine["searches"] == 2 and fine["evaluations"] == 8
+    assert fine["total_min"] == pytest.approx((8 * 3.0 / 2 + 2 * 30.0) / 60)
