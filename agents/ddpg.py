@@ -168,6 +168,14 @@ class EpisodeCreditBuffer(AppliedActionBuffer):
                 continue
             credited = self.credit(float(reward[i]))
             episode, self._pending[i] = self._pending[i], []
+            applied = infos[i].get("applied")
+            if self.max_ratio is not None and applied is not None and len(applied) == len(episode):
+                # what the episode's end evaluated (the budget filled, or projected against
+                # rounding), not what each step applied on the way
+                episode = [
+                    (o, o2, np.array([2.0 * r / self.max_ratio - 1.0], dtype=np.float32), info)
+                    for (o, o2, _, info), r in zip(episode, applied, strict=True)
+                ]
             for t, (o, o2, a, info) in enumerate(episode):
                 last = t == len(episode) - 1
                 terminal = last or not self.bootstrap
@@ -254,7 +262,11 @@ class NoiseDecay(BaseCallback):
 
 
 def remote_env(
-    spec: Any, budget: dict[str, float], reward: Any, recorded: list[Evaluation] | None = None
+    spec: Any,
+    budget: dict[str, float],
+    reward: Any,
+    recorded: list[Evaluation] | None = None,
+    fill_budget: bool = False,
 ) -> PruningEnv:
     """A PruningEnv on a Ray worker, over the task of ``spec`` (a TaskSpec or its object ref);
     ``recorded`` evaluations (a resumed search) are answered from memory."""
@@ -262,7 +274,7 @@ def remote_env(
         import ray
 
         spec = ray.get(spec)
-    env = PruningEnv(worker_task(spec), budget, reward=reward)
+    env = PruningEnv(worker_task(spec), budget, reward=reward, fill_budget=fill_budget)
     env.evaluator.preload(recorded or [])
     return env
 
@@ -309,6 +321,9 @@ class DDPGSearcher(Searcher):
         # Probability that an episode after the warm-up explores around the best policy found
         # so far rather than around the actor's action (0: AMC, always the actor).
         "elite_prob": 0.0,
+        # Scale an episode that pruned more than the budget asks towards the dense model until
+        # it just meets it, and store those ratios as the episode's actions (False: AMC).
+        "fill_budget": False,
     }
     option_types: ClassVar[dict[str, Any]] = {
         "algo": Literal["ddpg", "td3"],
@@ -340,6 +355,7 @@ class DDPGSearcher(Searcher):
         "gradient_steps": Annotated[int, Field(ge=1, le=10_000)] | None,
         "store_applied": bool,
         "elite_prob": Annotated[float, Field(ge=0, le=1)],
+        "fill_budget": bool,
     }
 
     @classmethod
@@ -352,6 +368,12 @@ class DDPGSearcher(Searcher):
             out.append((
                 ("options", cls.name, "elite_prob"),
                 "elite_prob needs algo ddpg and truncated_normal noise",
+            ))  # fmt: skip
+        if opts["fill_budget"] and not (opts["episode_credit"] and opts["store_applied"]):
+            out.append((
+                ("options", cls.name, "fill_budget"),
+                "fill_budget needs episode_credit and store_applied (the filled ratios are "
+                "stored when the episode ends)",
             ))  # fmt: skip
         warm = int(opts["warmup_episodes"]) if opts["warm_start"] is None else 0
         if ctx.evaluations is not None and warm >= ctx.evaluations:
@@ -387,8 +409,9 @@ class DDPGSearcher(Searcher):
             raise SearchError(f"warm_start agent not found: {opts['warm_start']}")
         self.warmup = warm
         self.env = PruningEnv(
-            self.task, self.budget, reward=opts["reward"], evaluator=self.evaluator
-        )
+            self.task, self.budget, reward=opts["reward"], evaluator=self.evaluator,
+            fill_budget=opts["fill_budget"],
+        )  # fmt: skip
         self.model: DDPG | TD3 | None = None
         self._sub_envs: VecEnv | None = None  # Ray sub-environments, while a search runs
         self._sent_threshold: float | None = None
@@ -479,8 +502,9 @@ class DDPGSearcher(Searcher):
 
         self.backend.release()  # the environment actors need the evaluator actors' CPUs
         make = partial(
-            remote_env, self.backend.spec_ref, self.budget.to_dict(), self.options["reward"]
-        )
+            remote_env, self.backend.spec_ref, self.budget.to_dict(), self.options["reward"],
+            fill_budget=self.options["fill_budget"],
+        )  # fmt: skip
         setup = partial(torch.set_num_threads, self.backend.threads)
         self._sub_envs = RayVecEnv([make] * self.backend.workers, worker_setup=setup)
         self._sent_threshold = None

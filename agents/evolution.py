@@ -140,11 +140,4 @@ class EvolutionSearcher(Searcher):
         vec = np.clip(np.asarray(vec, dtype=np.float64), 0.0, self.max_ratio)
         if not self.budget.met_by(self.cost_ratios(vec)):
             return self.project(vec)
-        lo, hi = 0.0, 1.0  # smallest scale of vec that still meets the budget
-        for _ in range(30):
-            mid = (lo + hi) / 2
-            if self.budget.met_by(self.cost_ratios(vec * mid)):
-                hi = mid
-            else:
-                lo = mid
-        return vec * hi
+        return self.budget.fill(self.cost_ratios, vec)

@@ -83,6 +83,22 @@ class Budget:
                     f"{metric}={floor[metric]:.4f} (raise the budget or max_ratio)"
                 )
 
+    def fill(self, cost_fn: CostFn, vec: np.ndarray, steps: int = 30) -> np.ndarray:
+        """A ratio vector that prunes more than the budget asks, scaled towards the dense model
+        until it just meets the budget (the direction, which units are pruned most, is kept);
+        a vector that misses the budget, or is already on its boundary, comes back unchanged."""
+        vec = np.asarray(vec, dtype=np.float64)
+        if not self.met_by(cost_fn(vec)):
+            return vec
+        lo, hi = 0.0, 1.0  # the smallest scale of vec that still meets the budget
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            if self.met_by(cost_fn(vec * mid)):
+                hi = mid
+            else:
+                lo = mid
+        return vec * hi
+
     def project(
         self, cost_fn: CostFn, ratios: np.ndarray, max_ratios: np.ndarray, iters: int = 40
     ) -> np.ndarray:

@@ -65,7 +65,11 @@ class PruningEnv(gym.Env):
     ``task`` (a :class:`~autoprune.task.Task`, a config dict / YAML path, or None for the
     embedded default: ResNet-20 on digits, channel, l2), ``budget`` (``"flops=0.5"``,
     ``"flops=0.5,params=0.6"`` or a :class:`~autoprune.budget.Budget`), ``reward``,
-    ``max_ratio``, ``evaluator`` (to share one between environments).
+    ``max_ratio``, ``evaluator`` (to share one between environments), ``fill_budget`` (an
+    episode that pruned more than the budget asks is scaled towards the dense model until it
+    just meets it, before it is evaluated: AMC's clipping keeps the budget reachable but never
+    gives back what over-pruning left unused). The terminal ``info["applied"]`` holds the
+    ratios evaluated, one per unit, for a replay buffer to store.
     """
 
     metadata = {"render_modes": []}  # noqa: RUF012  (Gymnasium's own convention)
@@ -80,8 +84,10 @@ class PruningEnv(gym.Env):
         reward: str | Reward = "acc",
         max_ratio: float | None = None,
         evaluator: Evaluator | None = None,
+        fill_budget: bool = False,
     ) -> None:
         super().__init__()
+        self.fill_budget = bool(fill_budget)
         self.reward_name, self.reward_fn = get_reward(reward)  # cheap checks first
         self.task = task if isinstance(task, Task) else build_task(task)  # type: ignore[arg-type]
         if self.reward_name == "loss" and self.task.metric is not None:
@@ -195,6 +201,8 @@ class PruningEnv(gym.Env):
     def _finish(self) -> Evaluation:
         if not self.budget.met_by(self._cost(self._ratios)):  # guard against rounding
             self._ratios = self.task.project(self._ratios, self.budget)
+        elif self.fill_budget:
+            self._ratios = self.budget.fill(self._cost, self._ratios)
         return self.evaluator.evaluate(self._ratios, self.reject_below)
 
     def _terminal_info(self, e: Evaluation) -> dict[str, Any]:
@@ -207,6 +215,7 @@ class PruningEnv(gym.Env):
             "eval_seconds": e.seconds.get("total", 0.0),
             "cached": e.cached,
             "evaluation": e.to_dict(),  # everything, for searchers running envs elsewhere
+            "applied": self._ratios.tolist(),  # what was evaluated, unit by unit
         }
         if e.latency_ratio is not None:
             info["latency_ratio"] = e.latency_ratio

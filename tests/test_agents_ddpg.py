@@ -200,3 +200,28 @@ def test_the_loss_reward_is_minus_the_search_cross_entropy(default_task):
         assert rec.reward == pytest.approx(-ce, rel=1e-3, abs=1e-4)
     # accuracy still picks the best policy: the reward only drives the agent
     assert result.best.accuracy == max(r.accuracy for r in result.history if r.meets_budget)
+
+
+def test_fill_budget_policies_sit_on_the_budget_and_are_what_the_buffer_holds(default_task):
+    """fill_budget: every episode uses (nearly) the whole budget, and the replay buffer holds
+    the filled ratios of each finished episode as its actions (not the per-step ones)."""
+    from autoprune.agents.ddpg import DDPGSearcher
+
+    searcher = DDPGSearcher(default_task, "flops=0.5", 0, 6, warmup_episodes=3, fill_budget=True)
+    result = searcher.run()
+    assert all(0.47 <= r.flops_ratio <= 0.5 + 1e-9 for r in result.history)
+    assert searcher.model is not None
+    buffer, n = searcher.model.replay_buffer, len(default_task.units)
+    stored = buffer.actions[: buffer.pos, 0, 0].reshape(-1, n)
+    max_ratio = searcher.env.max_ratio
+    space = default_task.space
+    for episode, rec in zip(stored, result.history, strict=False):
+        ratios = (episode.astype(np.float64) + 1.0) / 2.0 * max_ratio
+        recorded = default_task.ratio_vector(rec.ratios)
+        # the same channels removed, up to float32 storage at a channel-count step (the fill
+        # lands exactly on one): at most one channel in one unit
+        gap = np.abs(space.removed_counts(ratios) - space.removed_counts(recorded))
+        assert gap.max() <= 1 and gap.sum() <= 1, gap
+    with pytest.raises(SearchError, match="fill_budget needs episode_credit"):
+        search("ddpg", default_task, "flops=0.5", evaluations=6, warmup_episodes=2,
+               fill_budget=True, episode_credit=False)  # fmt: skip

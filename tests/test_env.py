@@ -169,3 +169,28 @@ def test_property_any_actions_meet_the_budget(default_task, metric, limit, actio
     _, info = _run(env, np.array(actions))
     assert _measured(default_task, env, info, metric) <= limit * 1.01
     assert all(0 <= r <= default_task.space.max_ratio for r in info["policy"].values())
+
+
+def test_fill_budget_gives_back_what_over_pruning_left(default_task):
+    """Every unit at the maximum ratio prunes far more than flops=0.5 asks: with fill_budget the
+    episode is scaled towards the dense model until it just meets the budget (measured MACs of
+    the pruned model, not the env's bookkeeping), keeping which units are pruned most."""
+    actions = np.linspace(0.2, 1.0, len(default_task.units))
+    costs, applied = {}, {}
+    for fill in (False, True):
+        env = PruningEnv(default_task, "flops=0.5", fill_budget=fill)
+        env.reset(seed=0)
+        for a in actions:
+            *_, done, _, info = env.step(np.array([a], dtype=np.float32))
+        assert done
+        vec = np.array(info["applied"])
+        space = default_task.space  # the policy recorded: the same channels removed
+        assert (space.removed_counts(default_task.ratio_vector(info["policy"]))
+                == space.removed_counts(vec)).all()  # fmt: skip
+        dense = measure_macs(default_task.model, default_task.input_shape)
+        costs[fill] = measure_macs(default_task.prune(vec), default_task.input_shape) / dense
+        applied[fill] = vec
+    assert costs[False] < 0.35  # over-pruned
+    assert 0.48 <= costs[True] <= 0.5 + 1e-6  # on the budget's boundary
+    order = np.argsort(applied[False], kind="stable")
+    assert np.all(np.diff(applied[True][order]) >= -1e-9)  # the same ranking of units
