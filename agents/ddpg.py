@@ -2,7 +2,9 @@
 
 AMC's recipe is added through SB3's extension points, without forking SB3:
 
-- **warm-up**: ``learning_starts`` = ``warmup_episodes`` x units, with uniform random actions;
+- **warm-up**: ``learning_starts`` = ``warmup_episodes`` x units, with uniform random actions
+  (or, ``warmup_prior="uniform"``, a truncated normal around the uniform policy's actions: the
+  prior AMC's code left commented out, centred on the budget's ratio);
 - **exploration**: a truncated normal around the actor's action (:class:`TruncatedNormalNoise`,
   used by :meth:`AMCDDPG._sample_action`), decaying per episode after warm-up
   (:class:`NoiseDecay` callback). AMC uses sigma 0.5 on its [0, 1] action scale decaying by 0.95;
@@ -199,6 +201,11 @@ class AMCDDPG(DDPG):
         self.elite_rng = np.random.default_rng(0)
         self.units = 1
         self._elite_mask = np.zeros(1, dtype=bool)
+        # Warm-up prior (off by default: AMC's uniform random actions): set by
+        # DDPGSearcher._build. Warm-up actions are drawn from ``warmup_noise`` around
+        # ``warmup_centre``, one action per unit.
+        self.warmup_centre: np.ndarray | None = None
+        self.warmup_noise: TruncatedNormalNoise | None = None
         super().__init__(*args, **kwargs)
 
     def _update_learning_rate(self, optimizers: Any) -> None:
@@ -213,6 +220,11 @@ class AMCDDPG(DDPG):
         self, learning_starts: int, action_noise: ActionNoise | None = None, n_envs: int = 1
     ) -> tuple[np.ndarray, np.ndarray]:
         if self.num_timesteps < learning_starts:
+            if self.warmup_centre is not None and self.warmup_noise is not None:
+                t = (self.num_timesteps // n_envs) % self.units  # episodes run in lockstep
+                centre = np.full((n_envs, 1), self.warmup_centre[t], dtype=np.float64)
+                scaled = self.warmup_noise.around(centre).reshape(n_envs, -1).astype(np.float32)
+                return self.policy.unscale_action(scaled), scaled
             action = np.array([self.action_space.sample() for _ in range(n_envs)])
             return action, self.policy.scale_action(action)
         noises = _noises(action_noise)
@@ -324,6 +336,10 @@ class DDPGSearcher(Searcher):
         # Scale an episode that pruned more than the budget asks towards the dense model until
         # it just meets it, and store those ratios as the episode's actions (False: AMC).
         "fill_budget": False,
+        # Warm-up actions: "random" (AMC: uniform over the action range) or "uniform": a
+        # truncated normal of scale ``sigma`` around the uniform policy (every unit at the one
+        # ratio that meets the budget), a prior that starts the critic near sensible policies.
+        "warmup_prior": "random",
     }
     option_types: ClassVar[dict[str, Any]] = {
         "algo": Literal["ddpg", "td3"],
@@ -356,6 +372,7 @@ class DDPGSearcher(Searcher):
         "store_applied": bool,
         "elite_prob": Annotated[float, Field(ge=0, le=1)],
         "fill_budget": bool,
+        "warmup_prior": Literal["random", "uniform"],
     }
 
     @classmethod
@@ -368,6 +385,11 @@ class DDPGSearcher(Searcher):
             out.append((
                 ("options", cls.name, "elite_prob"),
                 "elite_prob needs algo ddpg and truncated_normal noise",
+            ))  # fmt: skip
+        if opts["warmup_prior"] != "random" and opts["algo"] != "ddpg":
+            out.append((
+                ("options", cls.name, "warmup_prior"),
+                f"warmup_prior {opts['warmup_prior']!r} needs algo ddpg",
             ))  # fmt: skip
         if opts["fill_budget"] and not (opts["episode_credit"] and opts["store_applied"]):
             out.append((
@@ -466,7 +488,18 @@ class DDPGSearcher(Searcher):
         if opts["elite_prob"] > 0:
             model.elite, model.elite_prob, model.units = self._elite_actions, opts["elite_prob"], n
             model.elite_rng = np.random.default_rng([self.seed, 1])
+        if opts["warmup_prior"] == "uniform":
+            model.units = n
+            model.warmup_centre = self._uniform_actions()
+            model.warmup_noise = TruncatedNormalNoise(opts["sigma"], seed=self.seed + 7919)
         return model
+
+    def _uniform_actions(self) -> np.ndarray:
+        """The actions of the uniform policy: every unit at the one ratio that meets the
+        budget (one action per unit, on the environment's [-1, 1] scale)."""
+        n, max_ratio = len(self.task.space), self.env.max_ratio
+        ratios = self.budget.uniform(self.cost_ratios, max_ratio, n)
+        return np.clip(2.0 * ratios / max_ratio - 1.0, -1.0, 1.0)
 
     def _elite_actions(self) -> np.ndarray | None:
         """The best policy so far as the actions that give it (one per unit), or None."""

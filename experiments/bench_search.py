@@ -14,7 +14,8 @@ skipped by a rerun; the tables (``<out>.md``) are rebuilt from that file.
 
     python experiments/bench_search.py [--data fashion_mnist] [--budgets flops=0.5 flops=0.25]
         [--searchers ddpg random evolution netadapt sensitivity uniform global]
-        [--seeds 0 1 2 3 4] [--evaluations 300] [--finetune-epochs 2] [--workers 2]
+        [--seeds 0 1 2 3 4] [--evaluations 300] [--finetune-epochs 2] [--finetune-batches N]
+        [--workers 2]
         [--variant LABEL=SEARCHER:key=value,...] [--table-only]
 """
 
@@ -25,6 +26,7 @@ import json
 import os
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +54,21 @@ def parse_variant(spec: str) -> tuple[str, str, dict[str, Any]]:
     return label, searcher, options
 
 
-def test_accuracy(task: ap.Task, ratios: dict[str, float], epochs: int) -> tuple[float, float]:
-    """Test accuracy of a policy with adaptive BN only, and after ``epochs`` of fine-tuning
-    (with every core: the Ray workers are idle between searches)."""
+def test_accuracy(
+    task: ap.Task,
+    ratios: dict[str, float],
+    epochs: int,
+    batches: int | None = None,
+    threads: int | None = None,
+) -> tuple[float, float]:
+    """Test accuracy of a policy with adaptive BN only, and after ``epochs`` of fine-tuning,
+    each capped at ``batches`` (with every core by default: the Ray workers are idle between
+    searches)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     try:
-        result = ap.apply_policy(task, ratios, finetune_epochs=epochs, latency=False)
+        result = ap.apply_policy(task, ratios, finetune_epochs=epochs, latency=False,
+                                 finetune_batches=batches)  # fmt: skip
     finally:
         torch.set_num_threads(before)
     return result.pruned_no_finetune["test_accuracy"], result.after["test_accuracy"]
@@ -82,6 +92,8 @@ def run_one(
     evaluations: int,
     epochs: int,
     variants: dict[str, tuple[str, dict[str, Any]]],
+    batches: int | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     name, options = variants.get(label, (label, {}))
     cls = get_searcher(name)
@@ -93,7 +105,7 @@ def run_one(
     result = search(name, task, budget, seed=seed, backend=backend, **kwargs, **options)
     wall = time.perf_counter() - start
     assert result.best is not None, f"{label} found nothing within {budget}"
-    before, after = test_accuracy(task, result.best_ratios, epochs)
+    before, after = test_accuracy(task, result.best_ratios, epochs, batches, threads)
     full = [r for r in result.history if not r.partial]
     return {
         "budget": budget,
@@ -104,6 +116,7 @@ def run_one(
         "test_after": after,
         "last50": float(np.mean([r.accuracy for r in full[-50:]])) if full else None,
         "options": options,
+        "finetune": {"epochs": epochs, "batches": batches},
         "flops": result.best.flops_ratio,
         "evaluations": result.evaluations,
         "partial": sum(r.partial for r in result.history),
@@ -231,6 +244,47 @@ def table(rows: list[dict[str, Any]], agent: str = "ddpg") -> str:
     return "\n".join(lines)
 
 
+def best_so_far(row: dict[str, Any]) -> list[float]:
+    """Best full, within-budget search accuracy after each evaluation (nan before the first)."""
+    out, best = [], float("nan")
+    for _, acc, ok in row["history"]:
+        if ok and not best >= acc:
+            best = acc
+        out.append(best)
+    return out
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    """Learning curves: best search accuracy so far vs evaluations, mean over seeds (the band:
+    min to max), one panel per budget; one-shot searchers as a point where they ended."""
+    from matplotlib.figure import Figure
+
+    budgets = list(dict.fromkeys(r["budget"] for r in rows))
+    fig = Figure(figsize=(6 * len(budgets), 4.5))
+    for i, budget in enumerate(budgets):
+        ax = fig.add_subplot(1, len(budgets), i + 1)
+        mine = [r for r in rows if r["budget"] == budget]
+        for name in dict.fromkeys(r["searcher"] for r in mine):
+            runs = [best_so_far(r) for r in mine if r["searcher"] == name]
+            length = min(len(c) for c in runs)
+            values = 100 * np.array([c[:length] for c in runs])
+            if np.isfinite(values).any(axis=0).sum() > 1:  # a curve, not one final point
+                x = np.arange(1, length + 1)
+                with warnings.catch_warnings():  # columns before any seed's first full result
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    mean, lo, hi = (f(values, axis=0) for f in (np.nanmean, np.nanmin, np.nanmax))
+                ax.plot(x, mean, label=f"{name} ({len(runs)})")
+                ax.fill_between(x, lo, hi, alpha=0.15)
+            else:
+                ax.plot([length], [np.nanmean(values[:, -1])], "o", label=f"{name} (final)")
+        ax.set_title(f"{budget}: best search accuracy so far")
+        ax.set_xlabel("evaluations")
+        ax.set_ylabel("%")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="fashion_mnist")
@@ -241,6 +295,8 @@ def main() -> None:
     parser.add_argument("--searchers", nargs="+", default=["ddpg", "random", "evolution",
                         "netadapt", "sensitivity", "uniform", "global"])  # fmt: skip
     parser.add_argument("--finetune-epochs", type=int, default=2)
+    parser.add_argument("--finetune-batches", type=int, default=None,
+                        help="cap each fine-tune epoch at this many batches")  # fmt: skip
     parser.add_argument("--workers", type=int, default=2, help="Ray workers (0: serial)")
     parser.add_argument(
         "--variant",
@@ -282,7 +338,8 @@ def main() -> None:
                         if (budget, label, seed) in done:
                             continue
                         row = run_one(task, backend, budget, label, seed, args.evaluations,
-                                      args.finetune_epochs, variants)  # fmt: skip
+                                      args.finetune_epochs, variants,
+                                      args.finetune_batches)  # fmt: skip
                         with log.open("a") as f:
                             f.write(json.dumps(row) + "\n")
                         rows.append(row)
@@ -297,6 +354,8 @@ def main() -> None:
     text = table(rows, args.agent)
     print(text)
     args.out.with_suffix(".md").write_text(text + "\n")
+    if rows:
+        plot_curves(rows, args.out.with_name(args.out.name + "_curves.png"))
 
 
 if __name__ == "__main__":

@@ -225,3 +225,37 @@ def test_fill_budget_policies_sit_on_the_budget_and_are_what_the_buffer_holds(de
     with pytest.raises(SearchError, match="fill_budget needs episode_credit"):
         search("ddpg", default_task, "flops=0.5", evaluations=6, warmup_episodes=2,
                fill_budget=True, episode_credit=False)  # fmt: skip
+
+
+def test_uniform_warmup_prior_explores_around_the_uniform_policy(default_task):
+    """warmup_prior='uniform': warm-up episodes are the uniform policy plus noise of scale
+    sigma (here small), while AMC's random warm-up spreads over the whole ratio range."""
+    from autoprune.budget import Budget
+
+    budget, n, warm = "flops=0.5", 8, 6
+    uniform = Budget.parse(budget).uniform(
+        lambda v: default_task.cost_ratios(v, ("flops",)), default_task.space.max_ratio,
+        len(default_task.units),
+    )  # fmt: skip
+    spread = {}
+    for prior in ("random", "uniform"):
+        result = search(
+            "ddpg", default_task, budget, seed=0, evaluations=n, warmup_episodes=warm,
+            sigma=0.02, warmup_prior=prior,
+        )  # fmt: skip
+        warmups = [r for r in result.history if r.note == "warm-up"]
+        assert len(warmups) == warm and result.best is not None
+        # every unit but the last (the budget's clipping may raise it to meet the budget)
+        gaps = [np.abs(default_task.ratio_vector(r.ratios) - uniform)[:-1].max() for r in warmups]
+        spread[prior] = max(gaps)
+        assert all(r.flops_ratio <= 0.5 + 1e-9 for r in result.history)
+    assert spread["uniform"] < 0.06 < spread["random"], spread
+
+
+def test_warmup_prior_is_refused_clearly(default_task):
+    with pytest.raises(SearchError, match="warmup_prior 'uniform' needs algo ddpg"):
+        search("ddpg", default_task, "flops=0.5", evaluations=6, warmup_episodes=2,
+               warmup_prior="uniform", algo="td3", noise="normal")  # fmt: skip
+    with pytest.raises(SearchError, match="warmup_prior='prior'"):
+        search("ddpg", default_task, "flops=0.5", evaluations=6, warmup_episodes=2,
+               warmup_prior="prior")  # fmt: skip

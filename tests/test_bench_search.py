@@ -1,0 +1,103 @@
+"""experiments/bench_search.py (issue 16's quality bar): its verdicts on made-up rows, and the
+process-pool runner on a tiny digits run (rows, tables, curves, resume)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    path = ROOT / "experiments" / "bench_search.py"
+    spec = importlib.util.spec_from_file_location("bench_search", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bs = _module()
+
+
+def _rows(searcher: str, before: list[float], after: float = 0.9) -> list[dict]:
+    return [
+        {"budget": "flops=0.5", "searcher": searcher, "seed": s, "test_before": b,
+         "test_after": after, "best_search": b, "history": [[1.0, b, True]], "wall": 1.0}
+        for s, b in enumerate(before)
+    ]  # fmt: skip
+
+
+def _verdict_lines(rows: list[dict]) -> dict[str, str]:
+    lines = bs.verdict(rows)
+    keys = {"best other": "best other", "`random`": "lead over `random`",
+            "`evolution`": "lead over `evolution`"}  # fmt: skip
+    return {key: next(line for line in lines if text in line) for key, text in keys.items()}
+
+
+def test_a_lead_inside_the_seed_spread_is_not_a_win():
+    # ddpg leads evolution by 2 points on average, but evolution's seeds spread by 4
+    rows = _rows("ddpg", [0.70, 0.72, 0.74]) + _rows("evolution", [0.65, 0.70, 0.75])
+    rows += _rows("random", [0.50, 0.51, 0.52])
+    lines = _verdict_lines(rows)
+    assert "**met**" in lines["best other"]  # the highest mean...
+    assert "**missed**" in lines["`evolution`"]  # ...but not by more than the spread
+    assert "**met**" in lines["`random`"]  # 20 points against a spread of under 1
+
+
+def test_a_lead_beyond_the_spread_wins_and_one_seed_never_does():
+    rows = _rows("ddpg", [0.80, 0.81, 0.82]) + _rows("evolution", [0.70, 0.71, 0.72])
+    assert "**met**" in _verdict_lines(rows + _rows("random", [0.5]))["`evolution`"]
+    one = _rows("ddpg", [0.9]) + _rows("evolution", [0.5]) + _rows("random", [0.5])
+    assert "**missed**" in _verdict_lines(one)["`evolution`"]
+
+
+def test_fine_tune_targets_use_the_fine_tuned_accuracy():
+    rows = _rows("ddpg", [0.8, 0.8], after=0.905) + _rows("uniform", [0.4], after=0.90)
+    rows += _rows("global", [0.5], after=0.908)
+    lines = bs.verdict(rows)
+    gap = next(line for line in lines if "at most 0.2 points" in line)
+    assert "+0.30 points" in gap and "**missed**" in gap
+    uni = next(line for line in lines if "`uniform`" in line)
+    assert "+0.50 points" in uni and "**met**" in uni
+
+
+def test_best_so_far_ignores_partial_and_over_budget_evaluations():
+    row = {"history": [[0.1, 0.5, False], [0.2, 0.3, True], [0.3, 0.9, False], [0.4, 0.4, True]]}
+    curve = bs.best_so_far(row)
+    assert curve[0] != curve[0]  # nan before the first full, within-budget evaluation
+    assert curve[1:] == [0.3, 0.3, 0.4]
+    assert bs.best_within(row, 0.35) == 0.3
+
+
+@pytest.mark.slow
+def test_pool_runner_writes_rows_tables_and_curves_and_resumes(tmp_path):
+    out = tmp_path / "pool"
+    cmd = [
+        sys.executable, str(ROOT / "experiments" / "bench_search_pool.py"), "--data", "digits",
+        "--processes", "2", "--budgets", "flops=0.5", "--searchers", "ddpg", "random",
+        "uniform", "--variant", "ddpg=ddpg:warmup_episodes=2", "--seeds", "0", "1",
+        "--evaluations", "4", "--out", str(out),
+    ]  # fmt: skip
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    # uniform is deterministic: first seed only
+    assert sorted((r["searcher"], r["seed"]) for r in rows) == [
+        ("ddpg", 0), ("ddpg", 1), ("random", 0), ("random", 1), ("uniform", 0)
+    ]  # fmt: skip
+    for r in rows:
+        assert r["flops"] <= 0.5 + 1e-9 and 0 <= r["test_before"] <= 1
+        assert r["evaluations"] == (1 if r["searcher"] == "uniform" else 4)
+    assert "| ddpg | 2 |" in out.with_suffix(".md").read_text()
+    assert (tmp_path / "pool_curves.png").stat().st_size > 0
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "0 searches on 2 processes" in again.stdout
+    assert len(out.with_suffix(".jsonl").read_text().splitlines()) == len(rows)
