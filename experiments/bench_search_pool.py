@@ -6,8 +6,9 @@ serial evaluator; ``--set device=cuda`` puts the model and the search images on 
 whole (budget, searcher, seed) searches taken from a queue, seed by seed, so that an interrupted
 run holds complete seeds. The parent appends each finished row to ``<out>.jsonl`` at once (the
 rows and tables of ``bench_search.py``: ``bench_search.py --out <out> --table-only`` reads them)
-and skips rows already there. ``--deadline-s`` stops handing out searches after that long and
-ends the ones still running (their rows are lost; the finished ones are kept).
+and skips rows already there. ``--deadline-s`` (or ``--deadline-at``) stops handing out
+searches after that long and lets the running ones finish; ``--kill-after-s`` ends the ones
+still running then (their rows are lost; the finished ones are kept).
 
     python experiments/bench_search_pool.py --processes 16 --budgets flops=0.5 flops=0.25 \
         --searchers ddpg random evolution --seeds 0 1 2 3 4 --evaluations 300 \
@@ -109,6 +110,12 @@ def main() -> None:
     )
     parser.add_argument("--deadline-s", type=float, default=None, help="seconds from the start")
     parser.add_argument("--deadline-at", type=float, default=None, help="a Unix time")
+    parser.add_argument(
+        "--kill-after-s",
+        type=float,
+        default=None,
+        help="end the searches still running this long after the start",
+    )
     parser.add_argument("--agent", default="ddpg")
     parser.add_argument("--out", type=Path, default=bs.OUT)
     args = parser.parse_args()  # fmt: skip
@@ -145,13 +152,18 @@ def main() -> None:
                 running[pool.submit(_job, job)] = job
             if not running:
                 break
-            left = None if args.deadline_s is None else args.deadline_s - (time.perf_counter()
-                                                                           - start)  # fmt: skip
-            if left is not None and left <= 0:
-                print(f"# deadline: {len(running)} searches ended unfinished, "
-                      f"{len(todo)} not started", flush=True)  # fmt: skip
+            elapsed = time.perf_counter() - start
+            if late and todo:
+                print(f"# deadline: {len(todo)} searches not started", flush=True)
+                todo = []
+            kill = args.kill_after_s
+            if kill is not None and elapsed >= kill:
+                print(f"# kill-after: {len(running)} searches ended unfinished", flush=True)
                 break
-            finished, _ = wait(running, timeout=left, return_when=FIRST_COMPLETED)
+            # wake at the deadline too, to stop handing out searches
+            marks = [t - elapsed for t in (args.deadline_s, kill) if t is not None and t > elapsed]
+            finished, _ = wait(running, timeout=min(marks, default=None),
+                               return_when=FIRST_COMPLETED)  # fmt: skip
             for fut in finished:
                 job = running.pop(fut)
                 try:

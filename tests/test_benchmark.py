@@ -308,3 +308,34 @@ def test_cost_estimate_counts_the_plans_searches_and_evaluations(tmp_path):
     assert plan.groups[1].searchers == ("random",)  # global is channel-only
     assert fine["searches"] == 2 and fine["evaluations"] == 8
     assert fine["total_min"] == pytest.approx((8 * 3.0 / 2 + 2 * 30.0) / 60)
+
+
+def test_resume_refuses_another_checkpoint_of_a_recorded_model(tmp_path, monkeypatch, capsys):
+    """Groups of one model are compared with each other: resuming on a retrained checkpoint
+    (another machine) stops before any search, naming both checkpoints."""
+    monkeypatch.chdir(tmp_path)
+    plan = _write(tmp_path, PLAN)
+    first = _args(tmp_path, plan, "--budgets", "flops=0.5", "--searchers", "uniform")
+    assert bench.main(first) == 0
+    log = tmp_path / "out" / "benchmark_runs.jsonl"
+    (group,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(group["checkpoint"]) == 16  # the digest of the model the group measured
+    # the same checkpoint: a new group of that model runs on resume
+    more = _args(tmp_path, plan, "--budgets", "flops=0.5,flops=0.25", "--searchers", "uniform")
+    assert bench.main([*more, "--resume"]) == 0
+    assert len(log.read_text().splitlines()) == 2
+    # records of another checkpoint: refused before any search of the new group
+    records = [json.loads(line) for line in log.read_text().splitlines()][:1]
+    records[0]["checkpoint"] = "0123456789abcdef"
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    capsys.readouterr()
+    assert bench.main([*more, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "measured on checkpoint 0123456789abcdef" in err and "rerun without --resume" in err
+    assert len(log.read_text().splitlines()) == 1
+    # records from before the digest was kept: the dense test accuracy tells them apart
+    del records[0]["checkpoint"]
+    records[0]["dense_test_accuracy"] = 0.5
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert bench.main([*more, "--resume"]) == 2
+    assert "test accuracy 0.5" in capsys.readouterr().err
