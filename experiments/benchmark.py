@@ -68,7 +68,7 @@ PLAN_KEYS = {
     "task", "options", "models", "extra", "finetune_batches", "main_budget", "agent",
     "own_evaluations",
 }  # fmt: skip
-MODEL_KEYS = {"evaluations", "options", "seeds"}
+MODEL_KEYS = {"evaluations", "options", "seeds", "checkpoint"}
 MAIN_BUDGET = "flops=0.25"  # the default main budget (the plan's ``main_budget``)
 LATENCY_REPEATS = 20
 
@@ -88,6 +88,7 @@ class Group:
     options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # per-model overrides
     criterion: str | None = None  # None: the plan's
     seeds: tuple[int, ...] | None = None  # None: the plan's
+    checkpoint: str | None = None  # None: the model's default (cached) checkpoint
 
     @property
     def key(self) -> str:
@@ -126,7 +127,11 @@ class Plan:
                 options.setdefault(name, {})["seeds"] = seeds[:1]
         data = {
             **self.task,
-            "model": {**self.task.get("model", {}), "name": group.model},
+            "model": {
+                **self.task.get("model", {}),
+                "name": group.model,
+                **({"checkpoint": group.checkpoint} if group.checkpoint else {}),
+            },
             "granularity": group.granularity,
             **({"criterion": group.criterion} if group.criterion else {}),
             "search": {
@@ -152,6 +157,7 @@ def load_plan(path: Path, args: argparse.Namespace) -> Plan:
     if not path.is_file():
         raise ConfigError(f"benchmark plan {path} not found")
     raw = yaml.safe_load(path.read_text()) or {}
+    plan_path = path
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     unknown = sorted(set(raw) - PLAN_KEYS)
@@ -200,6 +206,17 @@ def load_plan(path: Path, args: argparse.Namespace) -> Plan:
         opts = spec.get("options") or {}
         return tuple((name, tuple(sorted(dict(o).items()))) for name, o in opts.items())
 
+    def model_checkpoint(spec: dict[str, Any]) -> str | None:
+        """A shipped checkpoint (relative to the plan's folder): the same weights on every
+        machine, so groups measured on different machines compare and a clone resumes."""
+        if not spec.get("checkpoint"):
+            return None
+        path = Path(spec["checkpoint"])
+        path = path if path.is_absolute() else plan_path.parent / path
+        if not path.is_file():
+            raise ConfigError(f"models: checkpoint {path} not found")
+        return str(path)
+
     def model_seeds(spec: dict[str, Any]) -> tuple[int, ...] | None:
         if args.seeds or "seeds" not in spec:  # --seeds wins over the plan's per-model seeds
             return None
@@ -212,6 +229,7 @@ def load_plan(path: Path, args: argparse.Namespace) -> Plan:
                 Group(
                     model, "channel", budget, tuple(searchers), evaluations(spec),
                     model_options(spec), seeds=model_seeds(spec),
+                    checkpoint=model_checkpoint(spec),
                 )
             )  # fmt: skip
     if not args.no_extra:
@@ -235,7 +253,7 @@ def load_plan(path: Path, args: argparse.Namespace) -> Plan:
                     Group(
                         model, granularity, str(extra["budget"]), tuple(names),
                         evaluations(spec), model_options(spec), extra.get("criterion"),
-                        model_seeds(spec),
+                        model_seeds(spec), model_checkpoint(spec),
                     )
                 )  # fmt: skip
     Budget.parse(plan.main_budget)

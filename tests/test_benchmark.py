@@ -339,3 +339,19 @@ def test_resume_refuses_another_checkpoint_of_a_recorded_model(tmp_path, monkeyp
     log.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert bench.main([*more, "--resume"]) == 2
     assert "test accuracy 0.5" in capsys.readouterr().err
+
+
+def test_a_model_can_ship_its_checkpoint(tmp_path):
+    """models.<name>.checkpoint (relative to the plan's folder) becomes every group's
+    model.checkpoint; a missing file is refused when the plan is read."""
+    plan = json.loads(json.dumps(PLAN))
+    plan["models"]["resnet20"]["checkpoint"] = "weights/r20.pt"
+    path = _write(tmp_path, plan)
+    with pytest.raises(bench.ConfigError, match="checkpoint .*r20.pt not found"):
+        bench.load_plan(path, bench.parse_args([]))
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "r20.pt").write_bytes(b"")
+    loaded = bench.load_plan(path, bench.parse_args([]))
+    for group in loaded.groups:  # the granularity groups too
+        cfg = loaded.config(group, None)
+        assert cfg.model.checkpoint == str(tmp_path / "weights" / "r20.pt")
