@@ -347,7 +347,7 @@ def test_a_model_can_ship_its_checkpoint(tmp_path):
     plan = json.loads(json.dumps(PLAN))
     plan["models"]["resnet20"]["checkpoint"] = "weights/r20.pt"
     path = _write(tmp_path, plan)
-    with pytest.raises(bench.ConfigError, match="checkpoint .*r20.pt not found"):
+    with pytest.raises(bench.ConfigError, match=r"checkpoint .*r20\.pt not found"):
         bench.load_plan(path, bench.parse_args([]))
     (tmp_path / "weights").mkdir()
     (tmp_path / "weights" / "r20.pt").write_bytes(b"")
