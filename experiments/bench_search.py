@@ -118,6 +118,7 @@ def run_one(
         "options": options,
         "finetune": {"epochs": epochs, "batches": batches},
         "flops": result.best.flops_ratio,
+        "best_ratios": result.best_ratios,
         "evaluations": result.evaluations,
         "partial": sum(r.partial for r in result.history),
         "cached": sum(r.cached for r in result.history),

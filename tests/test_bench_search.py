@@ -95,6 +95,7 @@ def test_pool_runner_writes_rows_tables_and_curves_and_resumes(tmp_path):
     for r in rows:
         assert r["flops"] <= 0.5 + 1e-9 and 0 <= r["test_before"] <= 1
         assert r["evaluations"] == (1 if r["searcher"] == "uniform" else 4)
+        assert r["best_ratios"] and all(0 <= v <= 0.8 for v in r["best_ratios"].values())
     assert "| ddpg | 2 |" in out.with_suffix(".md").read_text()
     assert (tmp_path / "pool_curves.png").stat().st_size > 0
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
