@@ -4,7 +4,9 @@ AMC's recipe is added through SB3's extension points, without forking SB3:
 
 - **warm-up**: ``learning_starts`` = ``warmup_episodes`` x units, with uniform random actions
   (or, ``warmup_prior="uniform"``, a truncated normal around the uniform policy's actions: the
-  prior AMC's code left commented out, centred on the budget's ratio);
+  prior AMC's code left commented out, centred on the budget's ratio); ``actor_start`` fits
+  the actor to the uniform policy, or to the best warm-up policy when the warm-up ends
+  (behaviour cloning through the actor's own network, before DDPG's updates take over);
 - **exploration**: a truncated normal around the actor's action (:class:`TruncatedNormalNoise`,
   used by :meth:`AMCDDPG._sample_action`), decaying per episode after warm-up
   (:class:`NoiseDecay` callback). AMC uses sigma 0.5 on its [0, 1] action scale decaying by 0.95;
@@ -263,6 +265,8 @@ class NoiseDecay(BaseCallback):
                 continue
             self.episodes += 1
             self.searcher.episode_done(info, warmup=self.episodes <= self.warmup)
+            if self.episodes == self.warmup:
+                self.searcher.warmup_done()
             if self.episodes <= self.warmup:
                 continue
             for noise in _noises(self.model.action_noise):
@@ -340,6 +344,10 @@ class DDPGSearcher(Searcher):
         # truncated normal of scale ``sigma`` around the uniform policy (every unit at the one
         # ratio that meets the budget), a prior that starts the critic near sensible policies.
         "warmup_prior": "random",
+        # The actor's starting point: "random" (SB3's initialisation, AMC), "uniform" (fitted to
+        # the uniform policy before the search) or "best" (fitted to the best warm-up policy
+        # when the warm-up ends): exploration after the warm-up then starts around it.
+        "actor_start": "random",
     }
     option_types: ClassVar[dict[str, Any]] = {
         "algo": Literal["ddpg", "td3"],
@@ -373,6 +381,7 @@ class DDPGSearcher(Searcher):
         "elite_prob": Annotated[float, Field(ge=0, le=1)],
         "fill_budget": bool,
         "warmup_prior": Literal["random", "uniform"],
+        "actor_start": Literal["random", "uniform", "best"],
     }
 
     @classmethod
@@ -390,6 +399,16 @@ class DDPGSearcher(Searcher):
             out.append((
                 ("options", cls.name, "warmup_prior"),
                 f"warmup_prior {opts['warmup_prior']!r} needs algo ddpg",
+            ))  # fmt: skip
+        if opts["actor_start"] != "random" and opts["warm_start"] is not None:
+            out.append((
+                ("options", cls.name, "actor_start"),
+                "actor_start starts a new actor; a warm_start agent brings its own",
+            ))  # fmt: skip
+        if opts["actor_start"] == "best" and int(opts["warmup_episodes"]) < 1:
+            out.append((
+                ("options", cls.name, "actor_start"),
+                "actor_start 'best' needs warm-up episodes to choose from (warmup_episodes >= 1)",
             ))  # fmt: skip
         if opts["fill_budget"] and not (opts["episode_credit"] and opts["store_applied"]):
             out.append((
@@ -494,6 +513,32 @@ class DDPGSearcher(Searcher):
             model.warmup_noise = TruncatedNormalNoise(opts["sigma"], seed=self.seed + 7919)
         return model
 
+    def warmup_done(self) -> None:
+        """The warm-up's last episode is recorded: ``actor_start="best"`` fits the actor to the
+        best policy found so far."""
+        best = self.result.best
+        if self.options["actor_start"] == "best" and best is not None:
+            self.fit_actor(self.task.ratio_vector(best.ratios))
+
+    def fit_actor(self, ratios: np.ndarray, steps: int = 300, lr: float = 1e-3) -> float:
+        """Fit the actor (and its target copy) to the episode that takes ``ratios`` unit by unit
+        (behaviour cloning on that episode's observations); returns the final squared error."""
+        assert self.model is not None
+        actor = self.model.actor
+        obs = torch.as_tensor(self.env.observations(ratios), device=self.model.device)
+        actions = np.clip(2.0 * np.asarray(ratios) / self.env.max_ratio - 1.0, -1.0, 1.0)
+        target = torch.as_tensor(actions, dtype=torch.float32, device=self.model.device)
+        optimizer = torch.optim.Adam(actor.parameters(), lr=lr)
+        for _ in range(steps):
+            loss = torch.nn.functional.mse_loss(actor(obs).reshape(-1), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        self.model.actor_target.load_state_dict(actor.state_dict())
+        error = float(loss.detach())
+        self.result.info["actor_fit_error"] = error
+        return error
+
     def _uniform_actions(self) -> np.ndarray:
         """The actions of the uniform policy: every unit at the one ratio that meets the
         budget (one action per unit, on the environment's [-1, 1] scale)."""
@@ -549,6 +594,9 @@ class DDPGSearcher(Searcher):
         vec_env.seed(self.seed)
         try:
             self.model = self._build(vec_env)
+            if self.options["actor_start"] == "uniform":
+                uniform = self._uniform_actions()
+                self.fit_actor((uniform + 1.0) / 2.0 * self.env.max_ratio)
             assert self.evaluations is not None
             # Enough steps for the requested episodes, rounded up to whole rounds of n_envs.
             rounds = -(-self.evaluations // vec_env.num_envs)

@@ -222,13 +222,28 @@ class PruningEnv(gym.Env):
         return info
 
     def _observation(self) -> np.ndarray:
-        t = min(self._t, self._n - 1)
-        done = self._ratios.copy()
-        done[self._t :] = 0.0
+        return self._observe(self._t, self._ratios, self._prev)
+
+    def _observe(self, step: int, ratios: np.ndarray, prev: float) -> np.ndarray:
+        """The observation before deciding unit ``step`` (``step == n``: after the last), with
+        ``ratios[:step]`` decided and ``prev`` the last decision over max_ratio."""
+        t = min(step, self._n - 1)
+        done = np.array(ratios, dtype=np.float64)
+        done[step:] = 0.0
         reduced = 1.0 - self.task.space.cost_ratios(done)["flops"]
-        rest = self._rest[t - 1] if self._t >= self._n else self._rest[t]
-        obs = np.concatenate([self._static[t], [reduced, rest, self._prev]])
+        rest = self._rest[t - 1] if step >= self._n else self._rest[t]
+        obs = np.concatenate([self._static[t], [reduced, rest, prev]])
         return np.clip(obs, 0.0, 1.0).astype(np.float32)
+
+    def observations(self, ratios: np.ndarray) -> np.ndarray:
+        """The observation of every step of an episode that takes ``ratios`` unit by unit (as
+        given, no clipping), one row per unit; the episode under way is not touched."""
+        ratios = np.asarray(ratios, dtype=np.float64).reshape(-1)
+        if len(ratios) != self._n:
+            raise ValueError(f"observations need {self._n} ratios (one per unit), got "
+                             f"{len(ratios)}")  # fmt: skip
+        prev = np.concatenate([[0.0], ratios[:-1] / self.max_ratio])
+        return np.stack([self._observe(t, ratios, prev[t]) for t in range(self._n)])
 
     @property
     def ratios(self) -> dict[str, float]:

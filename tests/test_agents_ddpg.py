@@ -259,3 +259,57 @@ def test_warmup_prior_is_refused_clearly(default_task):
     with pytest.raises(SearchError, match="warmup_prior='prior'"):
         search("ddpg", default_task, "flops=0.5", evaluations=6, warmup_episodes=2,
                warmup_prior="prior")  # fmt: skip
+
+
+@pytest.mark.parametrize("start", ["uniform", "best"])
+def test_actor_start_puts_the_first_learned_episode_on_its_policy(default_task, start):
+    """actor_start: the first episode after the warm-up (almost no noise) takes the uniform
+    policy, or the best warm-up policy, while SB3's initial actor ('random') takes neither."""
+    from autoprune.budget import Budget
+
+    warm = 0 if start == "uniform" else 5
+    uniform = Budget.parse("flops=0.5").uniform(
+        lambda v: default_task.cost_ratios(v, ("flops",)), default_task.space.max_ratio,
+        len(default_task.units),
+    )  # fmt: skip
+    gaps = {}
+    for actor in ("random", start):
+        result = search(
+            "ddpg", default_task, "flops=0.5", seed=0, evaluations=warm + 1,
+            warmup_episodes=warm, sigma=1e-4, sigma_decay=1.0, actor_start=actor,
+        )  # fmt: skip
+        first = default_task.ratio_vector(result.history[warm].ratios)
+        target = uniform if start == "uniform" else default_task.ratio_vector(
+            max(result.history[:warm], key=lambda r: r.accuracy).ratios)  # fmt: skip
+        gaps[actor] = float(np.abs(first - target)[:-1].max())  # the last unit may be clipped
+    # (the fit is close, not exact: within a few hundredths of a ratio)
+    assert gaps[start] < 0.05 < gaps["random"], gaps
+
+
+def test_actor_start_is_refused_clearly(default_task, tmp_path):
+    with pytest.raises(SearchError, match="actor_start 'best' needs warm-up episodes"):
+        search("ddpg", default_task, "flops=0.5", evaluations=4, warmup_episodes=0,
+               actor_start="best")  # fmt: skip
+    agent = tmp_path / "agent.zip"
+    agent.write_bytes(b"")
+    with pytest.raises(SearchError, match="a warm_start agent brings its own"):
+        search("ddpg", default_task, "flops=0.5", evaluations=4, warm_start=str(agent),
+               actor_start="uniform")  # fmt: skip
+
+
+def test_observations_follow_the_episode_without_touching_it(default_task):
+    from autoprune.envs import PruningEnv
+
+    env = PruningEnv(default_task, "flops=0.5")
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-1, 1, len(default_task.units))
+    ratios = env.rollout(actions)  # what an episode of these actions applies
+    expected = [env.reset(seed=0)[0]]
+    for a in 2.0 * ratios / env.max_ratio - 1.0:
+        obs, *_ = env.step(np.array([a], dtype=np.float32))
+        expected.append(obs)
+    env.reset()
+    env.step(np.array([0.3], dtype=np.float32))  # an episode under way is left as it is
+    before = env._observation()
+    np.testing.assert_allclose(env.observations(ratios), np.stack(expected[:-1]), atol=1e-6)
+    np.testing.assert_array_equal(env._observation(), before)
