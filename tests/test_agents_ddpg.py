@@ -129,8 +129,10 @@ def test_replay_buffer_holds_the_applied_actions(default_task, episode_credit):
     actions the environment applied, not those the agent proposed (logged at the env here)."""
     from autoprune.agents.ddpg import DDPGSearcher
 
+    # fill_budget off: the buffer then holds each step's applied action (with it, the filled
+    # ratios of the whole episode: test_fill_budget_policies_sit_on_the_budget_...)
     searcher = DDPGSearcher(default_task, "flops=0.25", 0, 6, warmup_episodes=3,
-                            episode_credit=episode_credit)  # fmt: skip
+                            episode_credit=episode_credit, fill_budget=False)  # fmt: skip
     env, steps = searcher.env, []
     original = env.step
 
@@ -277,6 +279,7 @@ def test_actor_start_puts_the_first_learned_episode_on_its_policy(default_task, 
         result = search(
             "ddpg", default_task, "flops=0.5", seed=0, evaluations=warm + 1,
             warmup_episodes=warm, sigma=1e-4, sigma_decay=1.0, actor_start=actor,
+            fill_budget=False,  # the episode as the actor takes it, not scaled onto the budget
         )  # fmt: skip
         first = default_task.ratio_vector(result.history[warm].ratios)
         target = uniform if start == "uniform" else default_task.ratio_vector(
@@ -313,3 +316,18 @@ def test_observations_follow_the_episode_without_touching_it(default_task):
     before = env._observation()
     np.testing.assert_allclose(env.observations(ratios), np.stack(expected[:-1]), atol=1e-6)
     np.testing.assert_array_equal(env._observation(), before)
+
+
+def test_defaults_beyond_amc_step_aside_for_explicit_options(default_task):
+    """fill_budget and the uniform warm-up prior are defaults; options that rule them out turn
+    them off when they were not asked for, and are refused when they were."""
+    from autoprune.agents.ddpg import DDPGSearcher
+
+    amc = DDPGSearcher(default_task, "flops=0.5", 0, 6, warmup_episodes=2)
+    assert amc.options["fill_budget"] is True and amc.options["warmup_prior"] == "uniform"
+    plain = DDPGSearcher(default_task, "flops=0.5", 0, 6, warmup_episodes=2, algo="td3",
+                         noise="normal", episode_credit=False)  # fmt: skip
+    assert plain.options["fill_budget"] is False and plain.options["warmup_prior"] == "random"
+    with pytest.raises(SearchError, match="fill_budget needs episode_credit"):
+        DDPGSearcher(default_task, "flops=0.5", 0, 6, warmup_episodes=2, episode_credit=False,
+                     fill_budget=True)  # fmt: skip
