@@ -91,11 +91,18 @@ def _interrupt(_signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _terminate(_signum: int, _frame: Any) -> None:
+    raise SystemExit(143)
+
+
 def _job_process(config: dict[str, Any], run_id: str, conn: Any) -> None:
     """One launch in its own process (its own interpreter, so the service's HTTP work and the
     search never wait on each other's GIL); SIGINT stops it the way Ctrl-C stops the CLI."""
     # A service started as a background job (nohup, &) passes SIGINT on ignored; cancel needs it.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    # SIGTERM (the service's process group stopped) unwinds like a shutdown, so the tracker
+    # flushes what was recorded; not only when Ray happens to have installed its own handler.
+    signal.signal(signal.SIGTERM, _terminate)
     torch.set_num_threads(1)
     try:
         run_experiment(

@@ -261,6 +261,8 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     from matplotlib.figure import Figure
 
     budgets = list(dict.fromkeys(r["budget"] for r in rows))
+    names = list(dict.fromkeys(r["searcher"] for r in rows))
+    color = {n: f"C{i % 10}" for i, n in enumerate(names)}  # one colour a searcher, every panel
     fig = Figure(figsize=(6 * len(budgets), 4.5))
     for i, budget in enumerate(budgets):
         ax = fig.add_subplot(1, len(budgets), i + 1)
@@ -274,10 +276,11 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
                 with warnings.catch_warnings():  # columns before any seed's first full result
                     warnings.simplefilter("ignore", RuntimeWarning)
                     mean, lo, hi = (f(values, axis=0) for f in (np.nanmean, np.nanmin, np.nanmax))
-                ax.plot(x, mean, label=f"{name} ({len(runs)})")
-                ax.fill_between(x, lo, hi, alpha=0.15)
+                ax.plot(x, mean, label=f"{name} ({len(runs)})", color=color[name])
+                ax.fill_between(x, lo, hi, alpha=0.15, color=color[name])
             else:
-                ax.plot([length], [np.nanmean(values[:, -1])], "o", label=f"{name} (final)")
+                ax.plot([length], [np.nanmean(values[:, -1])], "o", label=f"{name} (final)",
+                        color=color[name])  # fmt: skip
         ax.set_title(f"{budget}: best search accuracy so far")
         ax.set_xlabel("evaluations")
         ax.set_ylabel("%")
