@@ -455,8 +455,9 @@ class DDPGSearcher(Searcher):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        explicit = {k: self.options[k] for k in kwargs if k in self.defaults}
-        self.options = opts = self.settled(explicit) | explicit
+        opts = self.options
+        explicit = {k: opts[k] for k in kwargs if k in self.defaults}
+        opts.update(self.settled(explicit))  # the defaults that explicit options rule out, off
         if opts["algo"] not in ("ddpg", "td3"):
             raise SearchError(f"ddpg option algo must be 'ddpg' or 'td3', got {opts['algo']!r}")
         if opts["noise"] not in ("truncated_normal", "normal", "none"):

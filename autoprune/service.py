@@ -194,6 +194,15 @@ def _structure(cfg: ExperimentConfig) -> tuple[int, tuple[bool, str]]:
     return units, (True, "")
 
 
+def _space_error_field(message: str) -> list[str]:
+    """Where in the request a pruning-space error points (its message names the option)."""
+    if message.startswith("classifier"):
+        return ["model", "classifier"]
+    if message.startswith("ignore"):
+        return ["ignore"]
+    return ["model"]
+
+
 @functools.lru_cache(maxsize=32)
 def _space(key: str) -> tuple[int, Any]:
     from autoprune.data import load_data
@@ -349,7 +358,12 @@ class Service:
         cuda = torch.cuda.is_available()
         if cfg.device == "cuda" and not cuda:
             raise _unprocessable(["device"], "this service has no CUDA device (use cpu or auto)")
-        units, reachable = _structure(cfg)
+        from autoprune.space import SpaceError
+
+        try:
+            units, reachable = _structure(cfg)
+        except SpaceError as err:  # a classifier or an ignored layer the model does not have
+            raise _unprocessable(_space_error_field(str(err)), str(err)) from None
         if not reachable[0]:
             raise _unprocessable(["search", "budget"], reachable[1])
         for name in cfg.search.searchers:

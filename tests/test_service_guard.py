@@ -324,3 +324,17 @@ def test_limits_are_listed_in_serve_help_and_set_by_name():
                        ("evaluations=0", "at least 1")]:  # fmt: skip
         with pytest.raises(ValueError, match=words):
             limits.parse([bad])
+
+
+@pytest.mark.parametrize(
+    ("body", "loc", "words"),
+    [
+        ({"model": {"classifier": "criterion"}}, ["model", "classifier"], "classifier"),
+        ({"ignore": [""]}, ["ignore"], "is not a module of the model"),
+    ],
+)
+def test_layers_the_model_does_not_have_get_422(client, body: dict, loc: list, words: str):
+    """Found by the schema fuzzer: a classifier or ignored layer the model lacks was a 500."""
+    r = client.post("/v1/searches", json=body, headers=AUTH)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"][1:] == loc and words in r.text
