@@ -194,7 +194,7 @@ def _structure(cfg: ExperimentConfig) -> tuple[int, tuple[bool, str]]:
     return units, (True, "")
 
 
-def _space_error_field(message: str) -> list[str]:
+def _space_error_field(message: str) -> list[str | int]:
     """Where in the request a pruning-space error points (its message names the option)."""
     if message.startswith("classifier"):
         return ["model", "classifier"]
