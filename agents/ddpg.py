@@ -539,7 +539,7 @@ class DDPGSearcher(Searcher):
             model.elite_rng = np.random.default_rng([self.seed, 1])
         if opts["warmup_prior"] == "uniform":
             model.units = n
-            model.warmup_centre = self._uniform_actions()
+            model.warmup_centre = self._actions(self._uniform_ratios())
             model.warmup_noise = TruncatedNormalNoise(opts["sigma"], seed=self.seed + 7919)
         return model
 
@@ -556,8 +556,8 @@ class DDPGSearcher(Searcher):
         assert self.model is not None
         actor = self.model.actor
         obs = torch.as_tensor(self.env.observations(ratios), device=self.model.device)
-        actions = np.clip(2.0 * np.asarray(ratios) / self.env.max_ratio - 1.0, -1.0, 1.0)
-        target = torch.as_tensor(actions, dtype=torch.float32, device=self.model.device)
+        target = torch.as_tensor(self._actions(ratios), dtype=torch.float32,
+                                 device=self.model.device)  # fmt: skip
         optimizer = torch.optim.Adam(actor.parameters(), lr=lr)
         for _ in range(steps):
             loss = torch.nn.functional.mse_loss(actor(obs).reshape(-1), target)
@@ -569,20 +569,20 @@ class DDPGSearcher(Searcher):
         self.result.info["actor_fit_error"] = error
         return error
 
-    def _uniform_actions(self) -> np.ndarray:
-        """The actions of the uniform policy: every unit at the one ratio that meets the
-        budget (one action per unit, on the environment's [-1, 1] scale)."""
-        n, max_ratio = len(self.task.space), self.env.max_ratio
-        ratios = self.budget.uniform(self.cost_ratios, max_ratio, n)
-        return np.clip(2.0 * ratios / max_ratio - 1.0, -1.0, 1.0)
+    def _uniform_ratios(self) -> np.ndarray:
+        """The uniform policy: every unit at the one ratio that meets the budget."""
+        return self.budget.uniform(self.cost_ratios, self.env.max_ratio, len(self.task.space))
+
+    def _actions(self, ratios: np.ndarray) -> np.ndarray:
+        """The actions that give ``ratios`` (the environment's inverse map, [-1, 1])."""
+        return np.clip(2.0 * np.asarray(ratios) / self.env.max_ratio - 1.0, -1.0, 1.0)
 
     def _elite_actions(self) -> np.ndarray | None:
         """The best policy so far as the actions that give it (one per unit), or None."""
         best = self.result.best
         if best is None:
             return None
-        ratios = self.task.ratio_vector(best.ratios)
-        return np.clip(2.0 * ratios / self.env.max_ratio - 1.0, -1.0, 1.0)
+        return self._actions(self.task.ratio_vector(best.ratios))
 
     def episode_done(self, info: dict[str, Any], warmup: bool) -> None:
         """Record a finished episode (its evaluation comes in the episode's last info)."""
@@ -625,8 +625,7 @@ class DDPGSearcher(Searcher):
         try:
             self.model = self._build(vec_env)
             if self.options["actor_start"] == "uniform":
-                uniform = self._uniform_actions()
-                self.fit_actor((uniform + 1.0) / 2.0 * self.env.max_ratio)
+                self.fit_actor(self._uniform_ratios())
             assert self.evaluations is not None
             # Enough steps for the requested episodes, rounded up to whole rounds of n_envs.
             rounds = -(-self.evaluations // vec_env.num_envs)

@@ -289,13 +289,18 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_row_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments that say which rows to run (this script's and bench_search_pool.py's)."""
     parser.add_argument("--data", default="fashion_mnist")
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--budgets", nargs="+", default=["flops=0.5", "flops=0.25"])
     parser.add_argument("--evaluations", type=int, default=300)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_row_arguments(parser)
     parser.add_argument("--searchers", nargs="+", default=["ddpg", "random", "evolution",
                         "netadapt", "sensitivity", "uniform", "global"])  # fmt: skip
     parser.add_argument("--finetune-epochs", type=int, default=2)

@@ -87,11 +87,7 @@ def jobs(args: argparse.Namespace, done: set[tuple[str, str, int]]) -> list[tupl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="fashion_mnist")
-    parser.add_argument("--model", default="resnet20")
-    parser.add_argument("--budgets", nargs="+", default=["flops=0.5", "flops=0.25"])
-    parser.add_argument("--evaluations", type=int, default=300)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    bs.add_row_arguments(parser)
     parser.add_argument("--searchers", nargs="+", default=["ddpg", "random", "evolution"])
     parser.add_argument("--finetune-epochs", type=int, default=0)
     parser.add_argument("--finetune-batches", type=int, default=None)
