@@ -425,6 +425,21 @@ class BenchHooks(Hooks):
         )
 
 
+def code_revision() -> str | None:
+    """The git commit the benchmark ran (``+dirty`` with uncommitted changes); None outside git.
+    Recorded per group: a plan resumed across sessions can span several revisions."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
+                              capture_output=True, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=HERE, text=True, capture_output=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def run_group(
     plan: Plan, group: Group, hooks: BenchHooks, tracking_uri: str | None, command: str
 ) -> dict:
@@ -453,6 +468,7 @@ def run_group(
         "dense_latency_ms": hooks.dense_latency_ms,
         "dense_test_accuracy": hooks.dense_test_accuracy,
         "checkpoint": hooks.checkpoint,
+        "revision": code_revision(),
         "rows": rows,
     }
 
@@ -612,6 +628,19 @@ def verdicts(rows: list[dict], groups: list[str], agent: str = "ddpg") -> list[s
     return out
 
 
+def revisions_note(done: list[dict]) -> str:
+    """' Code: <revision> (groups ...)' per recorded revision; '' for records without one."""
+    by: dict[str, list[str]] = {}
+    for g in done:
+        if g.get("revision"):
+            by.setdefault(g["revision"], []).append(g["group"])
+    if not by:
+        return ""
+    if len(by) == 1:
+        return f" Code: revision {next(iter(by))}."
+    return " Code: " + "; ".join(f"{r} ({', '.join(gs)})" for r, gs in by.items()) + "."
+
+
 def write_report(
     out: Path, plan: Plan, done: list[dict], command: str, started: str, minutes: float
 ) -> None:
@@ -632,7 +661,8 @@ def write_report(
         f"{seeds} ({', '.join(plan.deterministic)}: one run, deterministic); "
         f"fine-tune {plan.finetune_epochs} epoch(s)"
         + (f" capped at {plan.finetune_batches} batches" if plan.finetune_batches else "")
-        + f"; MLflow experiment `{plan.experiment}`.",
+        + f"; MLflow experiment `{plan.experiment}`."
+        + revisions_note(done),
         "",
         f"Accuracies are on the {data} test split (never seen by the searches) of the best policy "
         "of each search, with adaptive BN only (no FT) and after the same fine-tune (FT); "

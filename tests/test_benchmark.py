@@ -97,6 +97,7 @@ def test_tiny_benchmark_tables_plots_runs_and_resume(tmp_path, monkeypatch, caps
         "resnet20/channel/flops=0.5", "resnet20/fine/params=0.5"
     ]  # fmt: skip
     assert all(0.5 < g["dense_test_accuracy"] <= 1.0 and g["dense_latency_ms"] > 0 for g in groups)
+    assert all("revision" in g for g in groups)  # the code each group ran (None outside git)
     rows = [r for g in groups for r in g["rows"]]
     # every searcher ran; the model's seeds (0, 1) replace the plan's (7); deterministic searchers
     # and netadapt (seeds: [0] in its options) once; global is channel-only (left out of fine)
@@ -355,3 +356,11 @@ def test_a_model_can_ship_its_checkpoint(tmp_path):
     for group in loaded.groups:  # the granularity groups too
         cfg = loaded.config(group, None)
         assert cfg.model.checkpoint == str(tmp_path / "weights" / "r20.pt")
+
+
+def test_the_report_names_the_code_revisions_of_its_groups():
+    assert bench.revisions_note([{"group": "a"}]) == ""  # records that predate revisions
+    one = [{"group": "a", "revision": "abc1234"}, {"group": "b", "revision": "abc1234"}]
+    assert bench.revisions_note(one) == " Code: revision abc1234."
+    two = [*one, {"group": "c", "revision": "def5678+dirty"}]
+    assert bench.revisions_note(two) == " Code: abc1234 (a, b); def5678+dirty (c)."
