@@ -82,9 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta = json.loads(torch.load(path, weights_only=True)["meta"])
         target = args.out / f"{name}-{cfg.data.name}.pt"
         shutil.copyfile(path, target)
+        took = time.perf_counter() - t0
         print(f"{name}: {target} (cache {path.name}); test accuracy {meta['test_acc']:.4f}, "
               f"search accuracy {meta['search_acc']:.4f}, {cfg.train.epochs} epochs, trained in "
-              f"{meta['seconds']:.0f} s on {args.device}; this run {time.perf_counter() - t0:.0f} s",
+              f"{meta['seconds']:.0f} s on {args.device}; this run {took:.0f} s",
               flush=True)  # fmt: skip
     return 0
 
