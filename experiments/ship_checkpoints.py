@@ -11,6 +11,7 @@ model's training defaults, the same file name hash as any other use) and copies 
 
     python experiments/ship_checkpoints.py --models resnet56,vgg11 --device cuda
     python experiments/ship_checkpoints.py              # every model of the plan without a file
+    python experiments/ship_checkpoints.py --models vgg11 --set train.epochs=8 --device cuda
 
 Then name the file in the plan (``checkpoint: checkpoints/<model>-<data>.pt``).
 """
@@ -40,6 +41,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=HERE / "checkpoints")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="task config override, e.g. train.epochs=8 (another recipe: another "
+                   "cache file)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -68,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         task["model"] = {**(task.get("model") or {}), "name": name}
         task.pop("eval", None)  # evaluation settings do not touch the checkpoint
         try:
-            configs[name] = task_config(task)
+            configs[name] = task_config(task, args.overrides)
         except ConfigError as err:
             print(f"error: {name}: {err}", file=sys.stderr)
             return 2

@@ -325,6 +325,10 @@ def test_defaults_beyond_amc_step_aside_for_explicit_options(default_task):
 
     amc = DDPGSearcher(default_task, "flops=0.5", 0, 6, warmup_episodes=2)
     assert amc.options["fill_budget"] is True and amc.options["warmup_prior"] == "uniform"
+    assert amc.options["actor_start"] == "best"
+    # no warm-up: no best warm-up policy to start the actor from (refused only when asked)
+    cold = DDPGSearcher(default_task, "flops=0.5", 0, 6, warmup_episodes=0)
+    assert cold.options["actor_start"] == "random" and cold.options["warmup_prior"] == "uniform"
     plain = DDPGSearcher(default_task, "flops=0.5", 0, 6, warmup_episodes=2, algo="td3",
                          noise="normal", episode_credit=False)  # fmt: skip
     assert plain.options["fill_budget"] is False and plain.options["warmup_prior"] == "random"
