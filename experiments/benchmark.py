@@ -641,6 +641,16 @@ def revisions_note(done: list[dict]) -> str:
     return " Code: " + "; ".join(f"{r} ({', '.join(gs)})" for r, gs in by.items()) + "."
 
 
+def missing_note(plan: Plan, done: list[dict]) -> list[str]:
+    """A paragraph naming the plan's groups not recorded yet (none when the plan is complete)."""
+    recorded = {g["group"] for g in done}
+    missing = [g.key for g in plan.groups if g.key not in recorded]
+    if not missing:
+        return []
+    return [f"**Partial: {len(recorded)} of {len(plan.groups)} groups recorded.** Not yet run: "
+            f"{', '.join(missing)} (`--resume` runs them).", ""]  # fmt: skip
+
+
 def write_report(
     out: Path, plan: Plan, done: list[dict], command: str, started: str, minutes: float
 ) -> None:
@@ -664,6 +674,7 @@ def write_report(
         + f"; MLflow experiment `{plan.experiment}`."
         + revisions_note(done),
         "",
+        *missing_note(plan, done),
         f"Accuracies are on the {data} test split (never seen by the searches) of the best policy "
         "of each search, with adaptive BN only (no FT) and after the same fine-tune (FT); "
         "latency is measured (median of "
@@ -767,7 +778,39 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--experiment", help="MLflow experiment (default: the plan's)")
     p.add_argument("--tracking-uri", help="MLflow URI (default sqlite:///mlflow.db)")
     p.add_argument("--resume", action="store_true", help="skip the groups already in --out")
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild the report from the groups in --out; run nothing")  # fmt: skip
     return p.parse_args(argv)
+
+
+def recorded_groups(log: Path, plan: Plan) -> list[dict]:
+    """The groups of ``plan`` recorded in ``log`` (the last record of a group wins)."""
+    keys = {g.key for g in plan.groups}
+    found: dict[str, dict] = {}
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                if record.get("group") in keys:
+                    found[record["group"]] = record
+    return list(found.values())
+
+
+def report_only(args: argparse.Namespace, plan: Plan) -> int:
+    """Rewrite the report from what ``--out`` records, running nothing (a partial plan too)."""
+    log = args.out / "benchmark_runs.jsonl"
+    done = recorded_groups(log, plan)
+    if not done:
+        print(f"error: no group of this plan is recorded in {log}", file=sys.stderr)
+        return 2
+    order = [g.key for g in plan.groups]
+    done.sort(key=lambda g: order.index(g["group"]))
+    minutes = sum(g["seconds"] for g in done) / 60
+    commands = sorted({g.get("command", "python experiments/benchmark.py") for g in done})
+    started = min((g["started"] for g in done if "started" in g), default="?")
+    write_report(args.out, plan, done, " + ".join(f"`{c}`" for c in commands), started, minutes)
+    print(f"{len(done)} of {len(order)} groups: {args.out / 'benchmark.md'}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -777,6 +820,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.report_only:
+        return report_only(args, plan)
     problem = ensure_data(plan)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
@@ -785,11 +830,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = args.out / "benchmark_runs.jsonl"
     done: list[dict] = []
     if args.resume and log.is_file():
-        keys = {g.key for g in plan.groups}
-        for line in log.read_text().splitlines():
-            with_rows = json.loads(line)
-            if with_rows["group"] in keys:
-                done.append(with_rows)
+        done = recorded_groups(log, plan)
     elif log.exists():  # a new benchmark; the previous record is kept, not overwritten
         stamp = dt.datetime.fromtimestamp(log.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
         log.rename(log.with_name(f"benchmark_runs.{stamp}.jsonl"))

@@ -140,6 +140,20 @@ def test_tiny_benchmark_tables_plots_runs_and_resume(tmp_path, monkeypatch, caps
     assert len(_parents(tmp_path)) == 2
     assert (out / "benchmark.md").is_file()
     assert "2 groups, 2 already done" in capsys.readouterr().out
+    assert "Partial" not in (out / "benchmark.md").read_text()
+
+    # --report-only: a partial record, a partial report naming what is missing; nothing runs
+    log = out / "benchmark_runs.jsonl"
+    first = log.read_text().splitlines()[0]
+    log.write_text(first + "\n")
+    assert bench.main(_args(tmp_path, plan, "--report-only")) == 0
+    assert len(_parents(tmp_path)) == 2
+    md = (out / "benchmark.md").read_text()
+    assert "Partial: 1 of 2 groups recorded" in md and "resnet20/fine/params=0.5" in md
+    assert "| params=0.5 | fine |" not in md
+    log.unlink()
+    assert bench.main(_args(tmp_path, plan, "--report-only")) == 2
+    assert "no group of this plan is recorded" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
