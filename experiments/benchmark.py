@@ -703,8 +703,8 @@ def write_report(
         lines += [dense + ".", ""]
         lines += [*model_table(m, rows, groups), ""]
     (out / "benchmark.md").write_text("\n".join(lines))
-    dense = {g["group"].split("/", 1)[0]: g.get("dense_test_accuracy") for g in done}
-    plot_report(out, rows, models, main, dense)
+    dense_acc = {g["group"].split("/", 1)[0]: g.get("dense_test_accuracy") for g in done}
+    plot_report(out, rows, models, main, dense_acc)
 
 
 def plot_report(
