@@ -140,6 +140,7 @@ class EpisodeCreditBuffer(AppliedActionBuffer):
         baseline_alpha: float | None = 0.95,
         bootstrap: bool = False,
         max_ratio: float | None = None,
+        standardize: bool = False,
     ) -> None:
         super().__init__(
             buffer_size, observation_space, action_space, device, n_envs=1,
@@ -150,10 +151,22 @@ class EpisodeCreditBuffer(AppliedActionBuffer):
         self.baseline_alpha = baseline_alpha
         self.bootstrap = bootstrap
         self.moving_average: float | None = None
+        self.standardize = standardize
+        # Welford's running count, mean and sum of squared deviations of the episodes' rewards
+        self._count, self._mean, self._m2 = 0, 0.0, 0.0
         self._pending: list[list[tuple[Any, ...]]] = [[] for _ in range(n_envs)]
 
     def credit(self, reward: float) -> float:
-        """The reward credited to every step of an episode (baseline subtracted)."""
+        """The reward credited to every step of an episode: minus the moving-average baseline,
+        or (``standardize``) standardised by the mean and std of every episode's reward so far,
+        this one included (std floored at 1e-3; the first episode is credited 0)."""
+        if self.standardize:
+            self._count += 1
+            delta = reward - self._mean
+            self._mean += delta / self._count
+            self._m2 += delta * (reward - self._mean)
+            std = (self._m2 / self._count) ** 0.5
+            return (reward - self._mean) / max(std, 1e-3)
         if self.baseline_alpha is None:
             return reward
         if self.moving_average is None:
@@ -324,6 +337,9 @@ class DDPGSearcher(Searcher):
         "episode_credit": True,
         "baseline": True,
         "baseline_alpha": 0.95,
+        # Credit (reward - running mean) / running std over the episodes so far instead of the
+        # moving-average baseline (a standardised reward: Distiller's AMC preset, HAQ).
+        "standardize": False,
         "bootstrap": False,
         "actor_lr": 1e-4,
         "critic_lr": 1e-3,
@@ -372,6 +388,7 @@ class DDPGSearcher(Searcher):
         "episode_credit": bool,
         "baseline": bool,
         "baseline_alpha": Annotated[float, Field(ge=0, le=1)],
+        "standardize": bool,
         "bootstrap": bool,
         "actor_lr": Annotated[float, Field(gt=0, le=1)],
         "critic_lr": Annotated[float, Field(gt=0, le=1)],
@@ -448,6 +465,11 @@ class DDPGSearcher(Searcher):
                 ("options", cls.name, "fill_budget"),
                 "fill_budget needs episode_credit and store_applied (the filled ratios are "
                 "stored when the episode ends)",
+            ))  # fmt: skip
+        if opts["standardize"] and not opts["episode_credit"]:
+            out.append((
+                ("options", cls.name, "standardize"),
+                "standardize credits the episode's reward; it needs episode_credit",
             ))  # fmt: skip
         warm = int(opts["warmup_episodes"]) if opts["warm_start"] is None else 0
         if ctx.evaluations is not None and warm >= ctx.evaluations:
@@ -529,6 +551,7 @@ class DDPGSearcher(Searcher):
                 "baseline_alpha": opts["baseline_alpha"] if opts["baseline"] else None,
                 "bootstrap": opts["bootstrap"],
                 "max_ratio": max_ratio,
+                "standardize": opts["standardize"],
             }
         if opts["warm_start"] is not None:
             cls = AMCDDPG if opts["algo"] == "ddpg" else TD3

@@ -154,6 +154,52 @@ def test_replay_buffer_holds_the_applied_actions(default_task, episode_credit):
     assert np.abs(np.clip(proposed, -1, 1) - applied).max() > 0.1  # clipping moved some
 
 
+def _standardized(rewards: list[float]) -> np.ndarray:
+    """Reference: each reward standardised by the mean and std of the rewards up to it."""
+    r = np.asarray(rewards, dtype=float)
+    return np.array([(r[k] - r[: k + 1].mean()) / max(r[: k + 1].std(), 1e-3)
+                     for k in range(len(r))])  # fmt: skip
+
+
+def test_standardize_credits_each_episode_its_standardised_reward(default_task):
+    from autoprune.agents.ddpg import DDPGSearcher, EpisodeCreditBuffer
+
+    buffer = EpisodeCreditBuffer(10, *_spaces(), standardize=True)
+    rewards = [0.31, 0.55, 0.12, 0.55, 0.9, 0.47]
+    np.testing.assert_allclose([buffer.credit(x) for x in rewards], _standardized(rewards))
+
+    # in a search: every transition of an episode holds that episode's standardised reward
+    searcher = DDPGSearcher(default_task, "flops=0.5", 0, 6, warmup_episodes=3,
+                            standardize=True)  # fmt: skip
+    env, ends = searcher.env, []
+    original = env.step
+
+    def logged(action):
+        out = original(action)
+        if out[2]:
+            ends.append(float(out[1]))
+        return out
+
+    env.step = logged
+    searcher.run()
+    assert searcher.model is not None
+    buffer = searcher.model.replay_buffer
+    units = len(default_task.units)
+    stored = buffer.rewards[: buffer.pos, 0].reshape(-1, units)
+    assert len(stored) >= 4 and len(ends) >= len(stored)
+    np.testing.assert_allclose(stored, np.repeat(_standardized(ends)[: len(stored), None], units,
+                                                 axis=1), rtol=1e-5, atol=1e-6)  # fmt: skip
+    with pytest.raises(SearchError, match="standardize credits the episode's reward"):
+        search("ddpg", default_task, "flops=0.5", evaluations=4, warmup_episodes=1,
+               episode_credit=False, standardize=True)  # fmt: skip
+
+
+def _spaces():
+    from gymnasium import spaces
+
+    return spaces.Box(-1, 1, (3,), np.float32), spaces.Box(-1, 1, (1,), np.float32)
+
+
 def test_elite_exploration_searches_around_the_best_policy(default_task):
     """elite_prob=1: every episode after the warm-up is the best policy so far plus small noise;
     elite_prob=0 (AMC) explores around the actor, far from it."""
