@@ -338,7 +338,7 @@ class DDPGSearcher(Searcher):
         "baseline": True,
         "baseline_alpha": 0.95,
         # Credit (reward - running mean) / running std over the episodes so far instead of the
-        # moving-average baseline (a standardised reward: Distiller's AMC preset, HAQ).
+        # moving-average baseline (a standardised reward; the baseline options are then unused).
         "standardize": False,
         "bootstrap": False,
         "actor_lr": 1e-4,
