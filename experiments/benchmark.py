@@ -426,17 +426,20 @@ class BenchHooks(Hooks):
 
 
 def code_revision() -> str | None:
-    """The git commit the benchmark ran (``+dirty`` with uncommitted changes); None outside git.
-    Recorded per group: a plan resumed across sessions can span several revisions."""
+    """The git commit the benchmark ran (``+dirty`` with uncommitted changes to tracked files
+    other than results); None outside git. Recorded per group: a plan resumed across sessions
+    can span several revisions."""
     import subprocess
 
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
                               capture_output=True, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=HERE, text=True, capture_output=True).stdout.strip()  # fmt: skip
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                cwd=HERE, text=True, capture_output=True).stdout  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return None
+    changed = [line[3:] for line in status.splitlines() if line.strip()]
+    dirty = any(not path.startswith("experiments/results/") for path in changed)
     return head + ("+dirty" if dirty else "")
 
 
