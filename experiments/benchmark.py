@@ -434,17 +434,23 @@ def code_revision() -> str | None:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
                               capture_output=True, check=True).stdout.strip()  # fmt: skip
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                cwd=HERE, text=True, capture_output=True).stdout  # fmt: skip
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+             ":(exclude,top)experiments/results"],
+            cwd=HERE, text=True, capture_output=True, check=True,
+        ).stdout  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return None
-    changed = [line[3:] for line in status.splitlines() if line.strip()]
-    dirty = any(not path.startswith("experiments/results/") for path in changed)
-    return head + ("+dirty" if dirty else "")
+    return head + ("+dirty" if status.strip() else "")
 
 
 def run_group(
-    plan: Plan, group: Group, hooks: BenchHooks, tracking_uri: str | None, command: str
+    plan: Plan,
+    group: Group,
+    hooks: BenchHooks,
+    tracking_uri: str | None,
+    command: str,
+    revision: str | None = None,
 ) -> dict:
     cfg = plan.config(group, tracking_uri)
     started = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -471,7 +477,7 @@ def run_group(
         "dense_latency_ms": hooks.dense_latency_ms,
         "dense_test_accuracy": hooks.dense_test_accuracy,
         "checkpoint": hooks.checkpoint,
-        "revision": code_revision(),
+        "revision": revision,
         "rows": rows,
     }
 
@@ -635,9 +641,8 @@ def revisions_note(done: list[dict]) -> str:
     """' Code: <revision> (groups ...)' per recorded revision; '' for records without one."""
     by: dict[str, list[str]] = {}
     for g in done:
-        if g.get("revision"):
-            by.setdefault(g["revision"], []).append(g["group"])
-    if not by:
+        by.setdefault(g.get("revision") or "not recorded", []).append(g["group"])
+    if list(by) == ["not recorded"]:
         return ""
     if len(by) == 1:
         return f" Code: revision {next(iter(by))}."
@@ -663,8 +668,10 @@ def write_report(
     searchers = list(dict.fromkeys(r["searcher"] for r in rows))
     main = plan.main_budget
     data = str((plan.task.get("data") or {}).get("name", "digits"))
-    per_model = {g.model: list(g.seeds) for g in plan.groups if g.seeds is not None}
-    seeds = f"seeds {plan.seeds}" + "".join(f", {m} {s}" for m, s in per_model.items())
+    seeds = "seeds " + ", ".join(
+        f"{m} {sorted({r['seed'] for r in rows if r['model'] == m and not r['deterministic']})}"
+        for m in models
+    )  # the seeds the recorded rows ran (a report rebuilt later names them, not the plan's)
     (out / "benchmark.json").write_text(json.dumps(done, indent=1))
     lines = [
         f"# autoprune benchmark  {started}",
@@ -791,11 +798,16 @@ def recorded_groups(log: Path, plan: Plan) -> list[dict]:
     keys = {g.key for g in plan.groups}
     found: dict[str, dict] = {}
     if log.is_file():
-        for line in log.read_text().splitlines():
-            if line.strip():
+        for number, line in enumerate(log.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
                 record = json.loads(line)
-                if record.get("group") in keys:
-                    found[record["group"]] = record
+            except json.JSONDecodeError:  # a run killed while writing: that group runs again
+                print(f"warning: {log}:{number} is not a whole record; skipped", file=sys.stderr)
+                continue
+            if isinstance(record, dict) and record.get("group") in keys:
+                found[record["group"]] = record
     return list(found.values())
 
 
@@ -840,6 +852,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finished = {g["group"] for g in done}
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
     command = " ".join(["python experiments/benchmark.py", *given])
+    revision = code_revision()  # the code this process imported, not a later commit
     now = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     t0 = time.perf_counter()
     print(
@@ -853,7 +866,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             hooks = BenchHooks(group, i, len(plan.groups), t0,
                                recorded_models(done).get(group.model))  # fmt: skip
-            result = run_group(plan, group, hooks, args.tracking_uri, command)
+            result = run_group(plan, group, hooks, args.tracking_uri, command, revision)
             done.append(result)
             with log.open("a") as f:
                 f.write(json.dumps(result) + "\n")

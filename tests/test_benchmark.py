@@ -145,8 +145,9 @@ def test_tiny_benchmark_tables_plots_runs_and_resume(tmp_path, monkeypatch, caps
     # --report-only: a partial record, a partial report naming what is missing; nothing runs
     log = out / "benchmark_runs.jsonl"
     first = log.read_text().splitlines()[0]
-    log.write_text(first + "\n")
+    log.write_text(first + "\n" + first[: len(first) // 2])  # and a line torn by a kill
     assert bench.main(_args(tmp_path, plan, "--report-only")) == 0
+    assert "benchmark_runs.jsonl:2 is not a whole record" in capsys.readouterr().err
     assert len(_parents(tmp_path)) == 2
     md = (out / "benchmark.md").read_text()
     assert "Partial: 1 of 2 groups recorded" in md and "resnet20/fine/params=0.5" in md
@@ -378,3 +379,5 @@ def test_the_report_names_the_code_revisions_of_its_groups():
     assert bench.revisions_note(one) == " Code: revision abc1234."
     two = [*one, {"group": "c", "revision": "def5678+dirty"}]
     assert bench.revisions_note(two) == " Code: abc1234 (a, b); def5678+dirty (c)."
+    older = [*one, {"group": "d"}]  # a record from before revisions were kept
+    assert bench.revisions_note(older) == " Code: abc1234 (a, b); not recorded (d)."
