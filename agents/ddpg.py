@@ -471,6 +471,18 @@ class DDPGSearcher(Searcher):
                 ("options", cls.name, "standardize"),
                 "standardize credits the episode's reward; it needs episode_credit",
             ))  # fmt: skip
+        if opts["standardize"] and opts["warm_start"] is not None:
+            out.append((
+                ("options", cls.name, "standardize"),
+                "a warm_start agent keeps the replay buffer settings it was saved with",
+            ))  # fmt: skip
+        given = sorted({"baseline", "baseline_alpha"} & set(options))
+        if opts["standardize"] and given:
+            out.append((
+                ("options", cls.name, "standardize"),
+                f"standardize replaces the moving-average baseline; leave {', '.join(given)} "
+                "unset",
+            ))  # fmt: skip
         warm = int(opts["warmup_episodes"]) if opts["warm_start"] is None else 0
         if ctx.evaluations is not None and warm >= ctx.evaluations:
             out.append((

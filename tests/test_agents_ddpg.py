@@ -192,6 +192,12 @@ def test_standardize_credits_each_episode_its_standardised_reward(default_task):
     with pytest.raises(SearchError, match="standardize credits the episode's reward"):
         search("ddpg", default_task, "flops=0.5", evaluations=4, warmup_episodes=1,
                episode_credit=False, standardize=True)  # fmt: skip
+    with pytest.raises(SearchError, match="replaces the moving-average baseline; leave baseline"):
+        search("ddpg", default_task, "flops=0.5", evaluations=4, warmup_episodes=1,
+               baseline=False, standardize=True)  # fmt: skip
+    with pytest.raises(SearchError, match="keeps the replay buffer settings it was saved with"):
+        search("ddpg", default_task, "flops=0.5", evaluations=4, warm_start="agent.zip",
+               standardize=True)  # fmt: skip
 
 
 def _spaces():
