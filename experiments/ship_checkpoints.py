@@ -9,9 +9,12 @@ checkpoint of the plan's task (:func:`autoprune.training.default_checkpoint`: th
 model's training defaults, the same file name hash as any other use) and copies it to
 ``<out>/<model>-<data>.pt``. ``--device cuda`` trains on a GPU; the file it writes loads on CPU.
 
-    python experiments/ship_checkpoints.py --models resnet56,vgg11 --device cuda
     python experiments/ship_checkpoints.py              # every model of the plan without a file
-    python experiments/ship_checkpoints.py --models vgg11 --set train.epochs=8 --device cuda
+    python experiments/ship_checkpoints.py --models resnet56,vgg11,mobilenetv2 \
+        --set train.epochs=8 --device cuda --force      # how the shipped files were made
+
+A file already in ``--out`` is refused unless ``--force``: a benchmark's records name those
+weights, and ``--resume`` refuses to mix them with others.
 
 Then name the file in the plan (``checkpoint: checkpoints/<model>-<data>.pt``).
 """
@@ -41,6 +44,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=HERE / "checkpoints")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--force", action="store_true", help="replace files already in --out")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="task config override, e.g. train.epochs=8 (another recipe: another "
                    "cache file)")  # fmt: skip
@@ -52,12 +56,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from autoprune.config import ConfigError, load_yaml, task_config
+    from autoprune.data import DataError
     from autoprune.models import MODELS
-    from autoprune.training import default_checkpoint
+    from autoprune.training import cache_dir_default, checkpoint_key, default_checkpoint
 
-    plan = load_yaml(args.plan)
+    try:
+        plan = load_yaml(args.plan)
+    except (ConfigError, OSError) as err:
+        print(f"error: plan {args.plan}: {err}", file=sys.stderr)
+        return 2
     specs = plan.get("models") or {}
     models = args.models or [m for m, s in specs.items() if not (s or {}).get("checkpoint")]
+    if not models:
+        print(f"nothing to do: every model of {args.plan} names a checkpoint "
+              "(--models picks some to train again)")  # fmt: skip
+        return 0
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         print(f"error: not zoo models: {', '.join(unknown)} (zoo: {', '.join(sorted(MODELS))})",
@@ -76,21 +89,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as err:
             print(f"error: {name}: {err}", file=sys.stderr)
             return 2
+    targets = {name: args.out / f"{name}-{cfg.data.name}.pt" for name, cfg in configs.items()}
+    present = [str(t) for t in targets.values() if t.exists()]
+    if present and not args.force:  # shipped weights are what recorded benchmark groups used
+        print(f"error: already there: {', '.join(present)} (a benchmark's records name these "
+              "weights; --force replaces them)", file=sys.stderr)  # fmt: skip
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, cfg in configs.items():
         t0 = time.perf_counter()
-        path = default_checkpoint(name, cfg.data, cfg.train, model_kwargs=cfg.model.kwargs,
-                                  device=args.device, progress=True)  # fmt: skip
+        key = checkpoint_key(name, cfg.data, cfg.train, cfg.model.kwargs)
+        cached = (cache_dir_default() / f"{name}-{cfg.data.name}-{key}.pt").is_file()
+        try:
+            path = default_checkpoint(name, cfg.data, cfg.train, model_kwargs=cfg.model.kwargs,
+                                      device=args.device, progress=True)  # fmt: skip
+        except DataError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         meta = json.loads(torch.load(path, weights_only=True)["meta"])
-        target = args.out / f"{name}-{cfg.data.name}.pt"
-        shutil.copyfile(path, target)
-        took = time.perf_counter() - t0
-        print(f"{name}: {target} (cache {path.name}); test accuracy {meta['test_acc']:.4f}, "
-              f"search accuracy {meta['search_acc']:.4f}, {cfg.train.epochs} epochs, trained in "
-              f"{meta['seconds']:.0f} s on {args.device}; this run {took:.0f} s",
-              flush=True)  # fmt: skip
+        shutil.copyfile(path, targets[name])
+        how = "from the cache" if cached else f"trained on {args.device}"
+        print(f"{name}: {targets[name]} ({how}: {path.name}); test accuracy "
+              f"{meta['test_acc']:.4f}, search accuracy {meta['search_acc']:.4f}, "
+              f"{cfg.train.epochs} epochs, {meta['seconds']:.0f} s of training; this run "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
     return 0
 
 
