@@ -1,7 +1,8 @@
 """The searchers' quality bar (issue 16): does ``ddpg`` beat random, evolutionary, sensitivity and
 greedy search at equal evaluations?
 
-Default task: ResNet-20 on Fashion-MNIST at 28x28 (its cached default checkpoint), channel
+Default task: ResNet-20 on Fashion-MNIST at 28x28 (the checkpoint that ships in
+experiments/checkpoints, else the cached default one), channel
 granularity, l2, adaptive BN. For each budget, searcher and seed: best search-split accuracy;
 test accuracy (the official 10,000 test images) of the best policy with adaptive BN only and
 after the same fine-tune for all; evaluations needed to reach sensitivity's search accuracy; the
@@ -41,6 +42,16 @@ from autoprune.parallel import make_backend
 
 DETERMINISTIC = ("netadapt", "sensitivity", "uniform", "global")  # run for the first seed only
 OUT = Path("experiments/results/bench_search_fmnist")
+
+
+def with_shipped_checkpoint(model: str, data: str, overrides: list[str]) -> list[str]:
+    """``overrides`` plus ``model.checkpoint=`` the weights that ship in experiments/checkpoints
+    for this model and data set, unless the overrides name a checkpoint: every machine then
+    measures the same model (two trainings by one recipe on two machines differ)."""
+    shipped = Path(__file__).resolve().parent / "checkpoints" / f"{model}-{data}.pt"
+    if any(o.startswith("model.checkpoint=") for o in overrides) or not shipped.is_file():
+        return list(overrides)
+    return [*overrides, f"model.checkpoint={shipped}"]
 
 
 def parse_variant(spec: str) -> tuple[str, str, dict[str, Any]]:
@@ -327,6 +338,7 @@ def main() -> None:
     rows = _load(log)
     if not args.table_only:
         torch.set_num_threads(1)
+        args.set = with_shipped_checkpoint(args.model, args.data, args.set)
         task = ap.build_task(
             None, [f"model.name={args.model}", f"data.name={args.data}", *args.set], progress=True
         )

@@ -121,7 +121,7 @@ def main() -> None:
     if args.deadline_at is not None:  # one clock for both: seconds from this start
         until = args.deadline_at - time.time()
         args.deadline_s = until if args.deadline_s is None else min(args.deadline_s, until)
-    overrides = list(args.set)
+    overrides = bs.with_shipped_checkpoint(args.model, args.data, list(args.set))
     try:
         smoke(args.model, args.data, overrides, args.budgets[0])
     except Exception:

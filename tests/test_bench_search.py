@@ -102,3 +102,13 @@ def test_pool_runner_writes_rows_tables_and_curves_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "0 searches on 2 processes" in again.stdout
     assert len(out.with_suffix(".jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_the_shipped_checkpoint_is_used_unless_one_is_named():
+    shipped = bs.with_shipped_checkpoint("resnet20", "fashion_mnist", ["eval.search_images=9"])
+    (named,) = [o for o in shipped if o.startswith("model.checkpoint=")]
+    path = Path(named.split("=", 1)[1])
+    assert path.is_file() and path.parent.name == "checkpoints"
+    own = ["model.checkpoint=mine.pt"]
+    assert bs.with_shipped_checkpoint("resnet20", "fashion_mnist", own) == own
+    assert bs.with_shipped_checkpoint("plain20", "digits", []) == []  # none ships: the cache's
