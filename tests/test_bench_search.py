@@ -3,27 +3,18 @@ process-pool runner on a tiny digits run (rows, tables, curves, resume)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from experiment_scripts import load
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _module():
-    path = ROOT / "experiments" / "bench_search.py"
-    spec = importlib.util.spec_from_file_location("bench_search", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bs = _module()
+bs = load("bench_search")
 
 
 def _rows(searcher: str, before: list[float], after: float = 0.9) -> list[dict]:

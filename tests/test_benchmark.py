@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
+from experiment_scripts import load
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _module():
-    path = ROOT / "experiments" / "benchmark.py"
-    spec = importlib.util.spec_from_file_location("benchmark", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark"] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _module()
+bench = load("benchmark")
 
 SEARCHERS = ["ddpg", "evolution", "random", "netadapt", "sensitivity", "uniform", "global"]
 PLAN = {
@@ -306,11 +292,7 @@ def test_budgets_narrow_the_granularity_groups_and_models_set_seeds(tmp_path):
 
 def test_cost_estimate_counts_the_plans_searches_and_evaluations(tmp_path):
     """experiments/bench_costs.py: a group's estimate from given unit costs (made up here)."""
-    path = ROOT / "experiments" / "bench_costs.py"
-    spec = importlib.util.spec_from_file_location("bench_costs", path)
-    assert spec is not None and spec.loader is not None
-    costs_mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(costs_mod)
+    costs_mod = load("bench_costs")
     plan = bench.load_plan(_write(tmp_path, PLAN), bench.parse_args(["--workers", "2"]))
     cost = {"units": 10, "evaluation_s": 3.0, "test_s": 5.0, "finetune_s": 20.0,
             "latency_table_s": None}  # fmt: skip

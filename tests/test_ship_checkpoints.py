@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from experiment_scripts import load
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _module():
-    path = ROOT / "experiments" / "ship_checkpoints.py"
-    spec = importlib.util.spec_from_file_location("ship_checkpoints", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["ship_checkpoints"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ship = _module()
+ship = load("ship_checkpoints")
 
 
 @pytest.fixture
