@@ -11,7 +11,9 @@ episodic searcher's best within the shortest episodic searcher's wall time of th
 mean ± std over seeds, and a verdict per budget computed from the rows (the issue's targets).
 
 Resumable: every finished (budget, searcher, seed) is appended to ``<out>.jsonl`` at once and
-skipped by a rerun; the tables (``<out>.md``) are rebuilt from that file.
+skipped by a rerun; the tables (``<out>.md``) are rebuilt from that file. Every row records the
+digest of the checkpoint it searched and the code revision; a run whose model is not the one of
+the file's rows is refused before it searches (write to another ``--out``).
 
     python experiments/bench_search.py [--data fashion_mnist] [--budgets flops=0.5 flops=0.25]
         [--searchers ddpg random evolution netadapt sensitivity uniform global]
@@ -26,6 +28,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -39,6 +42,9 @@ from autoprune.agents import SEARCHERS, get_searcher, search
 import autoprune as ap
 from autoprune.evaluate import EvaluationMemo
 from autoprune.parallel import make_backend
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import code_revision  # this folder's module
 
 DETERMINISTIC = ("netadapt", "sensitivity", "uniform", "global")  # run for the first seed only
 OUT = Path("experiments/results/bench_search_fmnist")
@@ -105,6 +111,7 @@ def run_one(
     variants: dict[str, tuple[str, dict[str, Any]]],
     batches: int | None = None,
     threads: int | None = None,
+    revision: str | None = None,
 ) -> dict[str, Any]:
     name, options = variants.get(label, (label, {}))
     cls = get_searcher(name)
@@ -134,6 +141,8 @@ def run_one(
         "partial": sum(r.partial for r in result.history),
         "cached": sum(r.cached for r in result.history),
         "wall": wall,
+        "checkpoint": task.checkpoint_hash,  # the model searched (a digest of its weights)
+        "revision": revision,  # the code that searched
         # (elapsed s, accuracy, counts as a best) per evaluation, for curves and equal wall time
         "history": [
             [round(r.elapsed, 3), r.accuracy, bool(r.meets_budget and not r.partial)]
@@ -146,6 +155,31 @@ def _load(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def check_checkpoint(rows: list[dict[str, Any]], digest: str, log: Path) -> None:
+    """Refuse to add rows measured on another model: every row of a file is compared with every
+    other, and two trainings of one recipe are two models. Rows that predate the digest pass."""
+    other = sorted({r["checkpoint"] for r in rows if r.get("checkpoint") not in (None, digest)})
+    if other:
+        raise SystemExit(
+            f"{log} holds rows measured on checkpoint {', '.join(other)}, this run's model is "
+            f"{digest}: write to another --out, or name the recorded checkpoint with "
+            f"--set model.checkpoint=PATH"
+        )
+
+
+def provenance_note(rows: list[dict[str, Any]]) -> str:
+    """One line: the checkpoints and code revisions the rows were measured with."""
+
+    def count(key: str) -> str:
+        seen: dict[str, int] = {}
+        for r in rows:
+            value = r.get(key) or "not recorded"
+            seen[value] = seen.get(value, 0) + 1
+        return ", ".join(f"{v} ({n} rows)" for v, n in seen.items())
+
+    return f"Checkpoint: {count('checkpoint')}. Code: {count('revision')}."
 
 
 def mean_std(values: list[float | None], scale: float = 100.0, digits: int = 1) -> str:
@@ -344,6 +378,8 @@ def main() -> None:
         )
         for budget in args.budgets:
             task.check_budget(budget)  # every budget reachable, before anything runs
+        check_checkpoint(rows, task.checkpoint_hash, log)
+        revision = code_revision()  # the code this process imported, not a later commit
         done = {(r["budget"], r["searcher"], r["seed"]) for r in rows}
         print(f"# bench_search {time.strftime('%Y-%m-%d %H:%M')}: {args.model}/{args.data}, "
               f"{args.evaluations} evaluations, seeds {args.seeds}, fine-tune "
@@ -360,7 +396,7 @@ def main() -> None:
                             continue
                         row = run_one(task, backend, budget, label, seed, args.evaluations,
                                       args.finetune_epochs, variants,
-                                      args.finetune_batches)  # fmt: skip
+                                      args.finetune_batches, revision=revision)  # fmt: skip
                         with log.open("a") as f:
                             f.write(json.dumps(row) + "\n")
                         rows.append(row)
@@ -374,7 +410,7 @@ def main() -> None:
                         )
     text = table(rows, args.agent)
     print(text)
-    args.out.with_suffix(".md").write_text(text + "\n")
+    args.out.with_suffix(".md").write_text(provenance_note(rows) + "\n" + text + "\n")
     if rows:
         plot_curves(rows, args.out.with_name(args.out.name + "_curves.png"))
 

@@ -33,7 +33,7 @@ import bench_search as bs  # this folder's script
 _WORKER: dict[str, Any] = {}
 
 
-def _init(model: str, data: str, overrides: list[str]) -> None:
+def _init(model: str, data: str, overrides: list[str], revision: str | None = None) -> None:
     """One task and serial backend per worker process, one torch thread."""
     import torch
 
@@ -42,17 +42,19 @@ def _init(model: str, data: str, overrides: list[str]) -> None:
 
     torch.set_num_threads(1)
     task = ap.build_task(None, [f"model.name={model}", f"data.name={data}", *overrides])
-    _WORKER.update(task=task, backend=make_backend(task, 0))
+    _WORKER.update(task=task, backend=make_backend(task, 0), revision=revision)
 
 
 def _job(args: tuple[Any, ...]) -> dict[str, Any]:
     budget, label, seed, evaluations, epochs, batches, variants = args
     return bs.run_one(_WORKER["task"], _WORKER["backend"], budget, label, seed, evaluations,
-                      epochs, variants, batches, threads=1)  # fmt: skip
+                      epochs, variants, batches, threads=1,
+                      revision=_WORKER["revision"])  # fmt: skip
 
 
-def smoke(model: str, data: str, overrides: list[str], budget: str) -> float:
-    """Seconds for one evaluation of the uniform policy (the task built in this process)."""
+def smoke(model: str, data: str, overrides: list[str], budget: str) -> tuple[float, str]:
+    """Seconds for one evaluation of the uniform policy (the task built in this process), and the
+    checkpoint's digest."""
     import torch
     from autoprune.agents import search
 
@@ -66,7 +68,7 @@ def smoke(model: str, data: str, overrides: list[str], budget: str) -> float:
     assert result.best is not None
     print(f"# smoke: {task.device}, uniform at {budget}: {100 * result.best.accuracy:.2f}% "
           f"search accuracy, {time.perf_counter() - start:.2f} s", flush=True)  # fmt: skip
-    return time.perf_counter() - start
+    return time.perf_counter() - start, task.checkpoint_hash
 
 
 def jobs(args: argparse.Namespace, done: set[tuple[str, str, int]]) -> list[tuple[Any, ...]]:
@@ -123,22 +125,24 @@ def main() -> None:
         args.deadline_s = until if args.deadline_s is None else min(args.deadline_s, until)
     overrides = bs.with_shipped_checkpoint(args.model, args.data, list(args.set))
     try:
-        smoke(args.model, args.data, overrides, args.budgets[0])
+        _, digest = smoke(args.model, args.data, overrides, args.budgets[0])
     except Exception:
         traceback.print_exc()
         if not args.cpu_fallback:
             raise SystemExit("the smoke evaluation failed") from None
         overrides = [o for o in overrides if not o.startswith("device=")]
         print("# smoke failed: falling back to the CPU", flush=True)
-        smoke(args.model, args.data, overrides, args.budgets[0])
+        _, digest = smoke(args.model, args.data, overrides, args.budgets[0])
     log = args.out.with_suffix(".jsonl")
     log.parent.mkdir(parents=True, exist_ok=True)
     rows = bs._load(log)
+    bs.check_checkpoint(rows, digest, log)
     todo = jobs(args, {(r["budget"], r["searcher"], r["seed"]) for r in rows})
     print(f"# bench_search_pool {time.strftime('%Y-%m-%d %H:%M')}: {len(todo)} searches on "
           f"{args.processes} processes, overrides {overrides}", flush=True)  # fmt: skip
     pool = ProcessPoolExecutor(args.processes, mp.get_context("spawn"), _init,
-                               (args.model, args.data, overrides))  # fmt: skip
+                               (args.model, args.data, overrides,
+                                bs.code_revision()))  # fmt: skip
     running: dict[Future[dict[str, Any]], tuple[Any, ...]] = {}
     try:
         while todo or running:
@@ -182,7 +186,7 @@ def main() -> None:
         pool.shutdown(wait=False, cancel_futures=True)
     text = bs.table(rows, args.agent)
     print(text)
-    args.out.with_suffix(".md").write_text(text + "\n")
+    args.out.with_suffix(".md").write_text(bs.provenance_note(rows) + "\n" + text + "\n")
     if rows:
         bs.plot_curves(rows, args.out.with_name(args.out.name + "_curves.png"))
 

@@ -62,6 +62,9 @@ from autoprune.experiment import (
 from autoprune.sweep import mean_std, plot_frontier
 from autoprune.task import Task
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import code_revision  # this folder's module
+
 HERE = Path(__file__).resolve().parent
 PLAN_KEYS = {
     "experiment", "searchers", "budgets", "seeds", "deterministic", "finetune_epochs", "workers",
@@ -423,25 +426,6 @@ class BenchHooks(Hooks):
             f"[{elapsed:5.1f} min] group {self.index}/{self.total} {self.group.key}: {text}",
             flush=True,
         )
-
-
-def code_revision() -> str | None:
-    """The git commit the benchmark ran (``+dirty`` with uncommitted changes to tracked files
-    other than results); None outside git. Recorded per group: a plan resumed across sessions
-    can span several revisions."""
-    import subprocess
-
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
-                              capture_output=True, check=True).stdout.strip()  # fmt: skip
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
-             ":(exclude,top)experiments/results"],
-            cwd=HERE, text=True, capture_output=True, check=True,
-        ).stdout  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if status.strip() else "")
 
 
 def run_group(

@@ -93,6 +93,23 @@ def test_pool_runner_writes_rows_tables_and_curves_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "0 searches on 2 processes" in again.stdout
     assert len(out.with_suffix(".jsonl").read_text().splitlines()) == len(rows)
+    # every row names the model it searched: one digest, the digits checkpoint's
+    from autoprune import build_task
+
+    digest = build_task(None, ["data.name=digits"]).checkpoint_hash
+    assert {r["checkpoint"] for r in rows} == {digest}
+    assert "Checkpoint: " + digest in out.with_suffix(".md").read_text()
+    # a file measured on another model is refused before anything runs, and kept as it was
+    log = out.with_suffix(".jsonl")
+    log.write_text(
+        log.read_text() + json.dumps({**rows[0], "seed": 9, "checkpoint": "0ther"}) + "\n"
+    )
+    kept = log.read_text()
+    refused = subprocess.run([*cmd, "--seeds", "0", "1", "2"], capture_output=True, text=True,
+                             timeout=600)  # fmt: skip
+    assert refused.returncode != 0
+    assert "checkpoint 0ther" in refused.stderr and "another --out" in refused.stderr
+    assert log.read_text() == kept
 
 
 def test_the_shipped_checkpoint_is_used_unless_one_is_named():
@@ -103,3 +120,16 @@ def test_the_shipped_checkpoint_is_used_unless_one_is_named():
     own = ["model.checkpoint=mine.pt"]
     assert bs.with_shipped_checkpoint("resnet20", "fashion_mnist", own) == own
     assert bs.with_shipped_checkpoint("plain20", "digits", []) == []  # none ships: the cache's
+
+
+def test_rows_of_another_checkpoint_are_refused_and_the_note_counts_each_source(tmp_path):
+    log = tmp_path / "rows.jsonl"
+    rows = [{"checkpoint": "aaa", "revision": "r1"}, {"checkpoint": "aaa", "revision": "r2"}, {}]
+    bs.check_checkpoint(rows, "aaa", log)  # the same model, and a row that predates digests
+    with pytest.raises(SystemExit, match=r"checkpoint aaa, this run's model is bbb"):
+        bs.check_checkpoint(rows, "bbb", log)
+    note = bs.provenance_note(rows)
+    assert note == (
+        "Checkpoint: aaa (2 rows), not recorded (1 rows). "
+        "Code: r1 (1 rows), r2 (1 rows), not recorded (1 rows)."
+    )
