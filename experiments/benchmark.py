@@ -22,7 +22,8 @@ the main budget).
 
 Interrupting is safe: every finished group is appended to ``<out>/benchmark_runs.jsonl`` and
 ``--resume`` skips those (an interrupted group is re-run); a run without ``--resume`` starts a
-new record and keeps the previous one as ``benchmark_runs.<time>.jsonl``.
+new record and keeps the previous one as ``benchmark_runs.<time>.jsonl``. ``--stop-after
+MINUTES`` starts no new group once the run has lasted that long (the running one finishes).
 
     python experiments/benchmark.py                      # the full benchmark
     python experiments/benchmark.py --models resnet20 --budgets flops=0.5   # the headline slice
@@ -772,6 +773,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--experiment", help="MLflow experiment (default: the plan's)")
     p.add_argument("--tracking-uri", help="MLflow URI (default sqlite:///mlflow.db)")
     p.add_argument("--resume", action="store_true", help="skip the groups already in --out")
+    p.add_argument(
+        "--stop-after",
+        type=float,
+        metavar="MINUTES",
+        help="start no group once this run has lasted MINUTES (the running group finishes; "
+        "the report covers the groups recorded; go on with --resume)",
+    )
     p.add_argument("--report-only", action="store_true",
                    help="rebuild the report from the groups in --out; run nothing")  # fmt: skip
     return p.parse_args(argv)
@@ -814,6 +822,9 @@ def report_only(args: argparse.Namespace, plan: Plan) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.stop_after is not None and not args.stop_after >= 0:
+        print(f"error: --stop-after must be >= 0 minutes, not {args.stop_after}", file=sys.stderr)
+        return 2
     try:
         plan = load_plan(args.plan, args)
     except (ConfigError, ValueError) as err:
@@ -844,10 +855,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{plan.workers} Ray workers; MLflow experiment {plan.experiment!r}",
         flush=True,
     )
+    ran = 0
     try:
         for i, group in enumerate(plan.groups, 1):
             if group.key in finished:
                 continue
+            elapsed = (time.perf_counter() - t0) / 60
+            if ran and args.stop_after is not None and elapsed >= args.stop_after:
+                left = sum(g.key not in {d["group"] for d in done} for g in plan.groups)
+                print(f"stopped after {elapsed:.1f} min (--stop-after {args.stop_after:g}): "
+                      f"{left} groups left; go on with --resume", flush=True)  # fmt: skip
+                break
+            ran += 1
             hooks = BenchHooks(group, i, len(plan.groups), t0,
                                recorded_models(done).get(group.model))  # fmt: skip
             result = run_group(plan, group, hooks, args.tracking_uri, command, revision)

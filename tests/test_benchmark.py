@@ -339,6 +339,26 @@ def test_resume_refuses_another_checkpoint_of_a_recorded_model(tmp_path, monkeyp
     assert "test accuracy 0.5" in capsys.readouterr().err
 
 
+def test_stop_after_starts_no_new_group_and_resume_goes_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    plan = _write(tmp_path, PLAN)
+    both = _args(tmp_path, plan, "--budgets", "flops=0.5,flops=0.25", "--searchers", "uniform")
+    assert bench.main([*both, "--stop-after", "-1"]) == 2
+    assert "--stop-after must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before any work
+    assert bench.main([*both, "--stop-after", "0"]) == 0  # one group always runs
+    out = capsys.readouterr().out
+    assert "1 groups left; go on with --resume" in out
+    log = tmp_path / "out" / "benchmark_runs.jsonl"
+    (first,) = [json.loads(line)["group"] for line in log.read_text().splitlines()]
+    assert first == "resnet20/channel/flops=0.5"
+    assert "Partial: 1 of 2 groups recorded" in (tmp_path / "out" / "benchmark.md").read_text()
+    assert bench.main([*both, "--resume", "--stop-after", "0"]) == 0
+    groups = [json.loads(line)["group"] for line in log.read_text().splitlines()]
+    assert groups == [first, "resnet20/channel/flops=0.25"]
+    assert "Partial" not in (tmp_path / "out" / "benchmark.md").read_text()
+
+
 def test_a_model_can_ship_its_checkpoint(tmp_path):
     """models.<name>.checkpoint (relative to the plan's folder) becomes every group's
     model.checkpoint; a missing file is refused when the plan is read."""
