@@ -210,6 +210,11 @@ def _std(values: list[float]) -> float:
     return statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
+def fine_tuned(row: dict[str, Any]) -> bool:
+    """Whether the row's test_after is after a fine-tune (rows that predate the record were)."""
+    return bool(row.get("finetune", {}).get("epochs", 1))
+
+
 def verdict(rows: list[dict[str, Any]], agent: str = "ddpg") -> list[str]:
     """The issue's targets, checked on the rows of one budget."""
     names = dict.fromkeys(r["searcher"] for r in rows)
@@ -217,6 +222,7 @@ def verdict(rows: list[dict[str, Any]], agent: str = "ddpg") -> list[str]:
     if agent not in by:
         return [f"- no `{agent}` rows"]
     mean = {n: statistics.mean(r["test_before"] for r in rs) for n, rs in by.items()}
+    tuned = all(fine_tuned(r) for r in rows)
     ft = {n: statistics.mean(r["test_after"] for r in rs) for n, rs in by.items()}
     others = [n for n in by if n != agent]
     out = []
@@ -238,6 +244,11 @@ def verdict(rows: list[dict[str, Any]], agent: str = "ddpg") -> list[str]:
             f"- lead over `{rival}` (no FT): {100 * lead:+.2f} points against a seed spread of "
             f"{100 * spread:.2f} ({len(by[agent])} seeds): **{'met' if ok else 'missed'}**"
         )
+    if not tuned:
+        out.append(
+            "- fine-tune targets: not checked, not every row was fine-tuned (--finetune-epochs 0)"
+        )
+        return out
     if others:
         worst_gap = max(ft[n] - ft[agent] for n in others)
         ok = worst_gap <= 0.002
@@ -279,7 +290,8 @@ def table(rows: list[dict[str, Any]], agent: str = "ddpg") -> str:
             lines.append(
                 f"| {name} | {len(rs)} | {mean_std([r['best_search'] for r in rs])} "
                 f"| {mean_std([r['test_before'] for r in rs])} "
-                f"| {mean_std([r['test_after'] for r in rs])} | {mean_std(equal)} "
+                f"| {mean_std([r['test_after'] if fine_tuned(r) else None for r in rs])} "
+                f"| {mean_std(equal)} "
                 f"| {', '.join(reach(r, target) for r in rs)} "
                 f"| {mean_std([r['last50'] for r in rs])} "
                 f"| {mean_std([r['flops'] for r in rs], 1, 3)} "

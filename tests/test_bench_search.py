@@ -59,6 +59,21 @@ def test_fine_tune_targets_use_the_fine_tuned_accuracy():
     assert "+0.50 points" in uni and "**met**" in uni
 
 
+def test_rows_without_a_fine_tune_check_no_fine_tune_target_and_show_no_ft_column():
+    rows = _rows("ddpg", [0.8, 0.8], after=0.8) + _rows("uniform", [0.4], after=0.4)
+    for r in rows:
+        r["finetune"] = {"epochs": 0, "batches": None}
+    lines = bs.verdict(rows)
+    assert any("without fine-tuning" in line and "**met**" in line for line in lines)
+    assert not any("at most 0.2 points" in line or "above `uniform`" in line for line in lines)
+    assert any("not every row was fine-tuned" in line for line in lines)
+    for r in rows:
+        r.update(last50=r["test_before"], flops=0.5, evaluations=1, partial=0)
+    ddpg_line = next(line for line in bs.table(rows).splitlines() if line.startswith("| ddpg "))
+    cells = [c.strip() for c in ddpg_line.split("|")]
+    assert cells[4] == "80.0 ± 0.0" and cells[5] == "-"  # no FT shown, FT column empty
+
+
 def test_best_so_far_ignores_partial_and_over_budget_evaluations():
     row = {"history": [[0.1, 0.5, False], [0.2, 0.3, True], [0.3, 0.9, False], [0.4, 0.4, True]]}
     curve = bs.best_so_far(row)
