@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from autoprune.surgery import LAYERS
+
 logger = logging.getLogger(__name__)
 
 TABLE_FORMAT = 1
@@ -143,8 +145,25 @@ def _forward(model: nn.Module, x: torch.Tensor, input_shape: tuple[int, ...]) ->
 # ----------------------------------------------------------------------------- MACs and params
 
 
+@contextmanager
+def _countable_attention() -> Iterator[None]:
+    """Run attention through operations FlopCounterMode counts: ``nn.MultiheadAttention`` (and
+    the transformer layers) without their fused eval-mode fast path, and
+    ``scaled_dot_product_attention`` with its math kernel (the fused CPU kernels are not counted,
+    so attention's projections and products would be missing from the MACs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
 def _is_layer(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d | nn.Linear)
+    return isinstance(module, LAYERS)
 
 
 def measure_macs(model: nn.Module, input_shape: tuple[int, ...], nonzero_only: bool = False) -> int:
@@ -156,12 +175,14 @@ def measure_macs(model: nn.Module, input_shape: tuple[int, ...], nonzero_only: b
 
     ``nonzero_only=True`` is for fine-grained / N:M pruned models whose weights are zeros: each
     ``nn.Conv2d`` counts (output positions) x nnz(weight) and each ``nn.Linear`` counts
-    nnz(weight) x (input rows per sample) instead of its dense count; everything else stays as
+    nnz(weight) x (input rows per sample) instead of its dense count (1-D and 3-D convolutions
+    as 2-D ones); everything else stays as
     traced. Both ``torch.nn.utils.prune`` masks and plainly zeroed weights are seen, because the
     hook reads ``module.weight`` after the reparametrisation has run.
 
-    The pass runs in eval mode under ``torch.no_grad`` on the model's device; the model's
-    train/eval flags and parameters are unchanged afterwards.
+    The pass runs in eval mode under ``torch.no_grad`` on the model's device, with attention's
+    fused kernels off (FlopCounterMode does not count them); the model's train/eval flags and
+    parameters are unchanged afterwards.
     """
     shape = _check_shape(input_shape)
     x = torch.zeros((1, *shape), device=_model_device(model))
@@ -172,7 +193,7 @@ def measure_macs(model: nn.Module, input_shape: tuple[int, ...], nonzero_only: b
 
     sparse = _hooks(model, _is_layer, record, pre=False) if nonzero_only else nullcontext()
     counter = FlopCounterMode(display=False)
-    with _eval_mode(model), torch.no_grad(), sparse, counter:
+    with _eval_mode(model), torch.no_grad(), _countable_attention(), sparse, counter:
         _forward(model, x, shape)
     dense = int(counter.get_total_flops()) // 2
     return dense - sum(d for d, _ in layers) + sum(n for _, n in layers)
@@ -339,7 +360,11 @@ def _spec_of(name: str, module: nn.Module, x: torch.Tensor) -> LayerSpec:
             name, "linear", module.in_features, module.out_features, per_sample,
             bias=module.bias is not None,
         )  # fmt: skip
-    assert isinstance(module, nn.Conv2d)
+    if not isinstance(module, nn.Conv2d):
+        raise ValueError(
+            f"the latency table models nn.Conv2d and nn.Linear layers; {name!r} is a "
+            f"{type(module).__name__}: use a flops or params budget for this model"
+        )
     padding = module.padding if isinstance(module.padding, str) else tuple(module.padding)
     return LayerSpec(
         name=name,

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoprune.space import Member, PruningSpace, Unit
+from autoprune.surgery import LAYERS
 
 Scores = list[np.ndarray]
 
@@ -118,7 +119,7 @@ def _group_scores(
 
 
 def _is_out_layer(m: Member, module: nn.Module) -> bool:
-    return m.is_out and isinstance(module, nn.Conv2d | nn.Linear)
+    return m.is_out and isinstance(module, LAYERS)
 
 
 def _filter_reduce(t: torch.Tensor, how: str) -> np.ndarray:
@@ -147,7 +148,7 @@ def _batches(ctx: CriterionContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def gradient_moments(ctx: CriterionContext) -> tuple[dict[str, torch.Tensor], ...]:
     """Mean gradient and mean squared gradient (empirical Fisher diagonal) of every conv/linear
     weight over mini-batches of the given images."""
-    layers = {n: m for n, m in ctx.model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    layers = {n: m for n, m in ctx.model.named_modules() if isinstance(m, LAYERS)}
     g1 = {n: torch.zeros_like(_weight(m)) for n, m in layers.items()}
     g2 = {n: torch.zeros_like(_weight(m)) for n, m in layers.items()}
     batches = _batches(ctx)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoprune.costs import count_params, measure_macs
 from autoprune.pruning import Ranking, channels_to_remove, prune_model
 from autoprune.space import PruningSpace, SpaceError
 from autoprune.surgery import norm_channels
@@ -223,6 +224,7 @@ def verify_channel_pruning(model: nn.Module, space: PruningSpace, seed: int = 0)
     ratios = rng.uniform(0.25, space.max_ratio, len(space))
     error = _probe(model, space, ratios, x, seed)
     if error <= TOLERANCE:
+        _verify_costs(model, space, ratios, seed)
         return error
     bad = []
     for u in space.units:
@@ -235,6 +237,48 @@ def verify_channel_pruning(model: nn.Module, space: PruningSpace, seed: int = 0)
         f"{error:.3g}) for units {bad or space.names}: the traced dependencies of these layers "
         f"are wrong (e.g. a channel shuffle or an unsupported reshape). Keep them out of the "
         f"search with ignore: {bad or space.names}, or use granularity 'fine' or 'nm'"
+    )
+
+
+def _cost_gaps(
+    model: nn.Module, space: PruningSpace, ratios: np.ndarray, seed: int
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """((predicted, measured) MACs, (predicted, counted) params) of one pruned probe."""
+    rng = np.random.default_rng(seed)
+    ranking = Ranking.from_scores(space, [rng.random(u.size) for u in space.units])
+    pruned = prune_model(model, space, ranking, ratios, light=True)
+    macs, params = space.costs(ratios)
+    return (macs, float(measure_macs(pruned, space.input_shape))), (
+        params,
+        float(count_params(pruned)),
+    )
+
+
+def _off(pair: tuple[float, float]) -> bool:
+    return abs(pair[0] - pair[1]) > 0.5 + 1e-9 * abs(pair[1])
+
+
+def _verify_costs(model: nn.Module, space: PruningSpace, ratios: np.ndarray, seed: int) -> None:
+    """The analytic cost model against the pruned probe's measured MACs and counted parameters:
+    compute that pruning changes but no conv / linear module accounts for (a functional
+    convolution or product of pruned features) would make budgets look met when they are not.
+    On a gap, find the units at fault and raise :class:`SpaceError` naming them."""
+    macs, params = _cost_gaps(model, space, ratios, seed)
+    if not (_off(macs) or _off(params)):
+        return
+    bad = []
+    for u in space.units:
+        alone = np.zeros(len(space))
+        alone[u.index] = ratios[u.index]
+        if any(_off(pair) for pair in _cost_gaps(model, space, alone, seed)):
+            bad.append(u.name)
+    raise SpaceError(
+        f"the cost model of {type(model).__name__} does not follow channel pruning of units "
+        f"{bad or space.names}: it predicts {macs[0]:,.0f} MACs and {params[0]:,.0f} parameters "
+        f"for a pruned probe that runs {macs[1]:,.0f} MACs with {params[1]:,.0f} parameters "
+        f"(compute outside nn.Conv2d / nn.Linear modules that depends on these channels). Keep "
+        f"them out of the search with ignore: {bad or space.names}, or use granularity 'fine' "
+        f"or 'nm'"
     )
 
 

@@ -47,16 +47,16 @@ class Ranking:
 
 
 def _nm_layout(w: np.ndarray, m: int) -> np.ndarray:
-    """(out, in, kh, kw) or (out, in) -> groups of m consecutive input channels, shape (-1, m)."""
-    if w.ndim == 4:
-        w = w.transpose(0, 2, 3, 1)
+    """(out, in, *kernel) or (out, in) -> groups of m consecutive input channels, shape (-1, m)."""
+    if w.ndim > 2:
+        w = np.moveaxis(w, 1, -1)
     return w.reshape(-1, m)
 
 
 def _nm_unlayout(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    if len(shape) == 4:
-        out, cin, kh, kw = shape
-        return flat.reshape(out, kh, kw, cin).transpose(0, 3, 1, 2)
+    if len(shape) > 2:
+        out, cin, *kernel = shape
+        return np.moveaxis(flat.reshape(out, *kernel, cin), -1, 1)
     return flat.reshape(shape)
 
 

@@ -10,7 +10,7 @@ already-refitted layers before it, as in the paper.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -85,13 +85,24 @@ def refit_layer(
     layer = dict(pruned.named_modules())[name]
     inputs = _capture(pruned, name, x, "in")
     target = _capture(dense, name, x, "out")
-    if layer.bias is not None:  # type: ignore[truthy-function]
-        shape: Callable[[torch.Tensor], torch.Tensor] = (
-            (lambda b: b.view(1, -1, 1, 1)) if target.dim() == 4 else (lambda b: b.view(1, -1))
+    is_conv = isinstance(layer, nn.modules.conv._ConvNd)
+    if is_conv and not isinstance(layer, nn.Conv1d | nn.Conv2d):
+        raise ValueError(
+            f"reconstruction refits 1-D and 2-D convolutions and linear layers; {name!r} is a "
+            f"{type(layer).__name__}: turn reconstruction off for this model"
         )
-        target = target - shape(layer.bias.detach())  # type: ignore[operator]
+    if layer.bias is not None:  # type: ignore[truthy-function]
+        bias = layer.bias.detach()  # type: ignore[operator]
+        # a conv's bias runs along dim 1, a linear layer's along the last
+        target = target - (bias.view(1, -1, *[1] * (target.dim() - 2)) if is_conv else bias)
     gen = torch.Generator().manual_seed(seed)
-    if isinstance(layer, nn.Conv2d):
+    if isinstance(layer, nn.Conv1d):  # as a 2-D convolution over a height of one
+        view = SimpleNamespace(
+            kernel_size=(1, layer.kernel_size[0]), dilation=(1, layer.dilation[0]),
+            padding=(0, layer.padding[0]), stride=(1, layer.stride[0]),
+        )  # fmt: skip
+        xs, ys = _rows_conv(view, inputs.unsqueeze(2), target.unsqueeze(2), positions, gen)  # type: ignore[arg-type]
+    elif isinstance(layer, nn.Conv2d):
         xs, ys = _rows_conv(layer, inputs, target, positions, gen)
     else:
         xs, ys = inputs.reshape(-1, inputs.shape[-1]), target.reshape(-1, target.shape[-1])

@@ -23,7 +23,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from autoprune.surgery import NORMS, norm_channels
+from autoprune.costs import measure_macs
+from autoprune.surgery import CONVS, LAYERS, NORMS, norm_channels
 
 GRANULARITIES = ("channel", "fine", "nm")
 UNIT_KINDS = ("conv", "dwconv", "linear")
@@ -41,11 +42,11 @@ class LayerGeometry:
     kind: str  # conv, dwconv or linear
     in_channels: int
     out_channels: int
-    kernel: int  # kernel height * width (1 for linear)
+    kernel: int  # kernel elements: height * width (length for 1-D, 1 for linear)
     stride: int
     groups: int
     in_size: int  # input feature-map side (1 for linear)
-    positions: int  # output positions per sample (H_out * W_out; rows for linear)
+    positions: int  # output positions per sample (H_out * W_out, every call; rows for linear)
     bias: bool
 
     @property
@@ -133,26 +134,30 @@ class Unit:
 
 def _geometry(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, LayerGeometry], Any]:
     """Record every conv / linear layer's input and output shapes in one forward pass (in
-    execution order), and return the model's output too."""
+    execution order), and return the model's output too. A layer run several times (weight
+    sharing) is recorded at its first call with the output positions of all its calls."""
     found: dict[str, LayerGeometry] = {}
     hooks = []
 
     def hook(name: str) -> Callable[..., None]:
         def record(mod: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
             x = inputs[0]
-            if isinstance(mod, nn.Conv2d):
-                kh, kw = mod.kernel_size
+            if name in found:  # a layer run more than once (weight sharing): every call costs
+                calls = out.numel() // (out.shape[0] * found[name].out_channels)
+                found[name].positions += int(calls)
+                return
+            if isinstance(mod, CONVS):  # 1-D, 2-D and 3-D alike: kernel and positions are products
                 dw = mod.groups == mod.in_channels == mod.out_channels and mod.groups > 1
                 found[name] = LayerGeometry(
                     name=name,
                     kind="dwconv" if dw else "conv",
                     in_channels=mod.in_channels,
                     out_channels=mod.out_channels,
-                    kernel=kh * kw,
+                    kernel=math.prod(mod.kernel_size),
                     stride=int(mod.stride[0]),
                     groups=mod.groups,
                     in_size=int(x.shape[-1]),
-                    positions=int(out.shape[-1] * out.shape[-2]),
+                    positions=math.prod(int(d) for d in out.shape[2:]),
                     bias=mod.bias is not None,
                 )
             elif isinstance(mod, nn.Linear):
@@ -165,7 +170,7 @@ def _geometry(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, LayerG
         return record
 
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Conv2d | nn.Linear):
+        if isinstance(mod, LAYERS):
             hooks.append(mod.register_forward_hook(hook(name)))
     try:
         with torch.no_grad():
@@ -238,7 +243,7 @@ _GROUPED_WHY = "(the same channels must be removed in every group)"
 
 def _layer_cut(module: nn.Module, op: str) -> tuple[str, int] | str:
     """(surgery operation, group size) of a traced layer, or why it cannot be cut correctly."""
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, CONVS):
         g = module.groups
         if g == 1:
             return op, 0
@@ -565,7 +570,13 @@ class PruningSpace:
         self._bn_affine = np.array([per for _, per in vectors.values()], dtype=np.float64)
         self._layer_names = names
         self._bn_names = list(vectors)
-        self.dense_macs = float(sum(g.macs for g in geo))
+        modeled_macs = float(sum(g.macs for g in geo))
+        # Compute outside conv / linear modules (attention's projections and products, functional
+        # convolutions, layers of other kinds): no unit prunes it, but it is part of the model's
+        # cost, so every cost ratio counts it as fixed (issue: budgets reported met when they
+        # were not). Measured by FlopCounterMode on the dense model, as the pruned one is.
+        self.fixed_macs = max(0.0, float(measure_macs(model, self.input_shape)) - modeled_macs)
+        self.dense_macs = modeled_macs + self.fixed_macs
         modeled = self._params_from(self._in, self._out, self._bn_total)
         self._other_params = self.total_params - modeled
         if self.granularity == "channel":
@@ -619,13 +630,13 @@ class PruningSpace:
         removed = self.removed_counts(ratios).astype(np.float64)
         if self.granularity != "channel":
             frac = removed / self._sizes
-            macs = self.dense_macs - float(self._unit_macs() @ frac)
+            macs = self.dense_macs - float(self._unit_macs() @ frac)  # fixed MACs included
             return macs, self.dense_params - float(removed.sum())
         kin = self._in - self._a_in @ removed
         kout = self._out - self._a_out @ removed
         kbn = self._bn_total - self._a_bn @ removed
         macs = float((self._mac_coef * np.where(self._dw, 1.0, kin) * kout).sum())
-        return macs, self._params_from(kin, kout, kbn) + self._other_params
+        return macs + self.fixed_macs, self._params_from(kin, kout, kbn) + self._other_params
 
     def _unit_macs(self) -> np.ndarray:
         return np.array([u.macs for u in self.units], dtype=np.float64)
@@ -661,7 +672,7 @@ def _vector_holders(model: nn.Module) -> dict[str, tuple[int, float]]:
     out: dict[str, tuple[int, float]] = {}
     owned: set[int] = set()
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear, *NORMS)):
+        if isinstance(m, (*LAYERS, *NORMS)):
             owned.update(id(p) for p in m.parameters(recurse=False))
         if isinstance(m, NORMS):
             n = norm_channels(m)

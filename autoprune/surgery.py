@@ -23,6 +23,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+"""The convolutions channel surgery, the cost model and the criteria handle (not transposed)."""
+LAYERS = (*CONVS, nn.Linear)
+"""The layers a unit is made of: convolutions and linear layers."""
+
 NORMS = (
     nn.modules.batchnorm._BatchNorm,
     nn.modules.instancenorm._InstanceNorm,
@@ -65,7 +70,7 @@ def _per_group(keep: torch.Tensor, n: int, groups: int) -> torch.Tensor:
     return (keep % size).reshape(groups, -1)
 
 
-def _rows(layer: nn.Conv2d | nn.Linear, keep: torch.Tensor) -> int:
+def _rows(layer: nn.modules.conv._ConvNd | nn.Linear, keep: torch.Tensor) -> int:
     """Keep the output rows ``keep`` of a layer's weight and bias; returns how many remain."""
     layer.weight = _param(layer.weight, keep, 0)
     if layer.bias is not None:
@@ -73,14 +78,14 @@ def _rows(layer: nn.Conv2d | nn.Linear, keep: torch.Tensor) -> int:
     return len(keep)
 
 
-def conv_out(conv: nn.Conv2d, removed: Sequence[int]) -> None:
+def conv_out(conv: nn.modules.conv._ConvNd, removed: Sequence[int]) -> None:
     keep = _keep(conv.out_channels, removed)
     if conv.groups > 1:
         _per_group(keep, conv.out_channels, conv.groups)
     conv.out_channels = _rows(conv, keep)
 
 
-def conv_in(conv: nn.Conv2d, removed: Sequence[int]) -> None:
+def conv_in(conv: nn.modules.conv._ConvNd, removed: Sequence[int]) -> None:
     keep = _keep(conv.in_channels, removed)
     if conv.groups == 1:
         conv.weight = _param(conv.weight, keep, 1)
@@ -94,7 +99,7 @@ def conv_in(conv: nn.Conv2d, removed: Sequence[int]) -> None:
     conv.in_channels = len(keep)
 
 
-def conv_dw(conv: nn.Conv2d, removed: Sequence[int]) -> None:
+def conv_dw(conv: nn.modules.conv._ConvNd, removed: Sequence[int]) -> None:
     conv.out_channels = conv.in_channels = conv.groups = _rows(
         conv, _keep(conv.out_channels, removed)
     )
@@ -155,7 +160,7 @@ def parameter(owner: nn.Module, name: str, dim: int, removed: Sequence[int]) -> 
 
 def cut(module: nn.Module, op: str, removed: Sequence[int]) -> None:
     """Remove ``removed`` (original indices) from ``module`` for operation ``op``."""
-    if op in ("out", "in", "dw") and isinstance(module, nn.Conv2d):
+    if op in ("out", "in", "dw") and isinstance(module, CONVS):
         {"out": conv_out, "in": conv_in, "dw": conv_dw}[op](module, removed)
     elif op in ("out", "in") and isinstance(module, nn.Linear):
         (linear_out if op == "out" else linear_in)(module, removed)
