@@ -18,6 +18,16 @@ CostFn = Callable[[np.ndarray], Mapping[str, float]]
 _TOL = 1e-9
 
 
+def _number(metric: object, value: object) -> float:
+    """A limit as a float, or a BudgetError naming the metric and what was given."""
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise BudgetError(
+            f"budget {metric}: {value!r} is not a number; write e.g. flops=0.25"
+        ) from None
+
+
 class BudgetError(ValueError):
     """A budget that is malformed or that no policy can meet."""
 
@@ -43,13 +53,17 @@ class Budget:
         if isinstance(spec, Budget):
             return spec
         if isinstance(spec, Mapping):
-            return cls({str(k): float(v) for k, v in spec.items()})
+            return cls({str(k): _number(k, v) for k, v in spec.items()})
         limits: dict[str, float] = {}
         for part in filter(None, (p.strip() for p in spec.split(","))):
             match = re.fullmatch(r"([a-z]+)\s*(?:<=|=|:)\s*([0-9.eE+-]+)", part)
             if not match:
                 raise BudgetError(f"cannot read budget {part!r}; write e.g. flops=0.25")
-            limits[match.group(1)] = float(match.group(2))
+            if match.group(1) in limits:
+                raise BudgetError(
+                    f"budget {spec!r} limits {match.group(1)} twice; give each metric once"
+                )
+            limits[match.group(1)] = _number(match.group(1), match.group(2))
         return cls(limits)
 
     @property
@@ -77,10 +91,9 @@ class Budget:
         for metric, limit in self.limits.items():
             if floor[metric] > limit + _TOL:
                 raise BudgetError(
-                    f"budget {metric}<={limit:g} is unreachable: pruning every unit to the "
-                    f"maximum ratio {float(np.max(max_ratios)):g} still leaves "
-                    f"{metric}={floor[metric]:.4f}; the smallest reachable is "
-                    f"{metric}={floor[metric]:.4f} (raise the budget or max_ratio)"
+                    f"budget {metric}<={limit:g} is unreachable: the smallest reachable is "
+                    f"{metric}={floor[metric]:.4f}, with every unit pruned to the maximum ratio "
+                    f"{float(np.max(max_ratios)):g} (raise the budget or max_ratio)"
                 )
 
     def fill(self, cost_fn: CostFn, vec: np.ndarray, steps: int = 30) -> np.ndarray:

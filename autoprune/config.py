@@ -215,7 +215,10 @@ class TaskConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     granularity: Granularity = "channel"
-    criterion: str = "l2"
+    criterion: str = Field(
+        default="l2",
+        description="Importance criterion; default l2 for channel, magnitude for fine / nm.",
+    )
     max_ratio: float = Field(default=0.8, gt=0, lt=1)
     round_to: int = Field(default=1, ge=1, description="Keep channel counts a multiple of this.")
     ignore: list[str] = Field(
@@ -242,6 +245,8 @@ class TaskConfig(_Strict):
             }
             if values["train"] is None:
                 del values["train"]
+            if values.get("criterion") is None and values.get("granularity") in ("fine", "nm"):
+                values["criterion"] = "magnitude"  # the default l2 ranks filters, not weights
         return values
 
     @field_validator("criterion")

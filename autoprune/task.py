@@ -319,6 +319,7 @@ def _check_model(
 ) -> int:
     """The model's output width, after checking it against the example input and the labels."""
     from autoprune.data import DataError
+    from autoprune.data.user import checked_labels
 
     shape = tuple(data.input_shape)
     if example is not None:
@@ -326,7 +327,7 @@ def _check_model(
         if got != shape:
             raise DataError(f"example_input has shape {tuple(example.shape)}; the data's "
                             f"inputs are {shape} (one sample)")  # fmt: skip
-    x, y = data.subset("search", 64, seed=0)
+    x, _ = data.subset("search", 64, seed=0)
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
@@ -343,9 +344,11 @@ def _check_model(
     if num_classes is not None and width != num_classes:
         raise ValueError(f"{type(model).__name__} has {width} outputs, not num_classes="
                          f"{num_classes}")  # fmt: skip
-    if int(y.max()) >= width:
-        raise ValueError(f"labels reach {int(y.max())} but {type(model).__name__} has only "
-                         f"{width} outputs")  # fmt: skip
+    for what in ("train", "search", "test"):
+        labels = checked_labels(data.split(what))
+        if len(labels) and int(labels.max()) >= width:
+            raise ValueError(f"{what} labels reach {int(labels.max())} but "
+                             f"{type(model).__name__} has only {width} outputs")  # fmt: skip
     return width
 
 

@@ -74,6 +74,12 @@ def test_unreachable_budget_names_smallest_reachable(default_task):
         ap.Budget.parse("energy=0.5")
     with pytest.raises(ap.BudgetError, match="cannot read budget"):
         ap.Budget.parse("flops")
+    with pytest.raises(ap.BudgetError, match=r"budget flops: '0\.5\.5' is not a number"):
+        ap.Budget.parse("flops=0.5.5")
+    with pytest.raises(ap.BudgetError, match=r"budget flops: 'abc' is not a number"):
+        ap.Budget.parse({"flops": "abc"})
+    with pytest.raises(ap.BudgetError, match="limits flops twice"):
+        ap.Budget.parse("flops=0.5,flops=0.9")  # the last one used to win silently
 
 
 def test_policy_round_trip_and_refusals(default_task, tmp_path):

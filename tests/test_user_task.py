@@ -198,3 +198,37 @@ def test_the_loss_reward_is_refused_for_a_task_with_its_own_metric():
 
     with pytest.raises(ValueError, match="'loss' needs the cross-entropy"):
         PruningEnv(task, "flops=0.5", reward="loss")
+
+
+def test_labels_of_every_split_are_checked_before_any_work():
+    train, test = _data(128, 1), _data(32, 3)
+    bad_test = (test[0], test[1].clone())
+    bad_test[1][5] = 7  # one label beyond the 4 outputs, in the test split only
+    with pytest.raises(ValueError, match="test labels reach 7 but SmallNet has only 4 outputs"):
+        task_from_module(_trained(), train, bad_test, config=CONFIG)
+    loader = DataLoader(TensorDataset(*bad_test), batch_size=16)  # a streamed split too
+    with pytest.raises(ValueError, match="test labels reach 7"):
+        task_from_module(_trained(), train, loader, config=CONFIG)
+    negative = (train[0], train[1].clone())
+    negative[1][3] = -1
+    with pytest.raises(DataError, match="train labels must be class indices >= 0, got -1"):
+        task_from_module(_trained(), negative, test, config=CONFIG)
+    fractional = (train[0], train[1].float() + 0.5)
+    with pytest.raises(DataError, match="labels must be integer class indices"):
+        task_from_module(_trained(), fractional, test, config=CONFIG)
+    whole = (train[0], train[1].float())  # whole-number floats are class indices
+    assert task_from_module(_trained(), whole, test, config=CONFIG).data.num_classes == 4
+    small = (torch.randn(32, 1, 8, 8), test[1])
+    with pytest.raises(DataError, match=r"test inputs have shape \(1, 8, 8\), training inputs"):
+        task_from_module(_trained(), train, small, config=CONFIG)
+
+
+def test_fine_and_nm_tasks_default_to_the_magnitude_criterion():
+    train, test = _data(128, 1), _data(32, 3)
+    for granularity in ("fine", "nm"):
+        task = task_from_module(_trained(), train, test,
+                                config={**CONFIG, "granularity": granularity})  # fmt: skip
+        assert task.config.criterion == "magnitude"
+    with pytest.raises(ValueError, match="criterion 'l2' does not apply to 'fine' pruning"):
+        task_from_module(_trained(), train, test,
+                         config={**CONFIG, "granularity": "fine", "criterion": "l2"})  # fmt: skip

@@ -31,7 +31,7 @@ def as_split(data: Any, what: str) -> Split:
         x, y = data
         if len(x) != len(y):
             raise DataError(f"{what}: {len(x)} inputs but {len(y)} labels")
-        split = Split(x, y.long())
+        split = Split(x, _class_indices(y, what))
     elif isinstance(data, Dataset) and hasattr(data, "__len__"):
         split = Split(source=data)
     else:
@@ -81,13 +81,51 @@ def user_splits(
         train_split, search_split = carve_search(train_split, search_size, seed)
     else:
         search_split = as_split(search, "search data")
-    x, y = search_split.sample(64, seed)
-    shape = tuple(int(s) for s in x.shape[1:])
-    for split, what in ((train_split, "train"), (test_split, "test")):
-        other = tuple(int(s) for s in split.sample(1, seed)[0].shape[1:])
+    splits = {"train": train_split, "search": search_split, "test": test_split}
+    # the training data's shape is the reference (the search split may be carved from it)
+    shape = tuple(int(s) for s in train_split.sample(1, seed)[0].shape[1:])
+    for what in ("search", "test"):
+        other = tuple(int(s) for s in splits[what].sample(1, seed)[0].shape[1:])
         if other != shape:
-            raise DataError(f"{what} inputs have shape {other}, search inputs {shape}")
-    if y.dtype.is_floating_point or y.dim() != 1:
-        raise DataError(f"labels must be 1-D integer class indices, got {y.dtype} {tuple(y.shape)}")
-    classes = num_classes if num_classes is not None else int(y.max()) + 1
+            raise DataError(f"{what} inputs have shape {other}, training inputs {shape}")
+    low, high = None, None
+    for what, split in splits.items():
+        y = checked_labels(split, seed)
+        if y.dtype.is_floating_point or y.dim() != 1:
+            raise DataError(
+                f"{what} labels must be 1-D integer class indices, got {y.dtype} {tuple(y.shape)}"
+            )
+        if len(y) and int(y.min()) < 0:
+            raise DataError(f"{what} labels must be class indices >= 0, got {int(y.min())}")
+        if num_classes is not None and len(y) and int(y.max()) >= num_classes:
+            raise DataError(f"{what} labels reach {int(y.max())}, beyond num_classes={num_classes}")
+        low = int(y.min()) if low is None else min(low, int(y.min()))
+        high = int(y.max()) if high is None else max(high, int(y.max()))
+    classes = num_classes if num_classes is not None else int(high or 0) + 1
     return DataSplits(train_split, search_split, test_split, classes, shape, name)
+
+
+LABEL_SAMPLE = 512
+"""Labels read per split that is not in memory (Dataset / DataLoader) to check their range;
+tensor splits are checked in full."""
+
+
+def checked_labels(split: Split, seed: int = 0) -> Tensor:
+    """The labels a range check reads: all of a tensor split, ``LABEL_SAMPLE`` seeded items of
+    a Dataset or DataLoader (reading every item of data that may not fit in memory would cost a
+    pass over it before any work)."""
+    return split.y if split.y is not None else split.sample(LABEL_SAMPLE, seed)[1]
+
+
+def _class_indices(y: Tensor, what: str) -> Tensor:
+    """Tensor labels as int64 class indices; fractional or non-finite labels are refused (a cast
+    would turn 0.7 into class 0 silently)."""
+    fractional = y.dtype.is_floating_point and (
+        not bool(torch.isfinite(y).all()) or bool((y != y.round()).any())
+    )
+    if fractional:
+        raise DataError(
+            f"{what}: labels must be integer class indices, got fractional or non-finite "
+            f"values ({y.dtype})"
+        )
+    return y.long()
