@@ -328,6 +328,12 @@ def _check_model(
             raise DataError(f"example_input has shape {tuple(example.shape)}; the data's "
                             f"inputs are {shape} (one sample)")  # fmt: skip
     x, _ = data.subset("search", 64, seed=0)
+    if not x.dtype.is_floating_point:
+        raise DataError(
+            f"inputs are {x.dtype}; autoprune traces, costs and checks models on float inputs, "
+            "so models on integer inputs (token ids) are not supported: feed float features, "
+            "or embed the ids in the data pipeline"
+        )
     device = next(model.parameters()).device
     try:
         with torch.no_grad():

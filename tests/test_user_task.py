@@ -232,3 +232,19 @@ def test_fine_and_nm_tasks_default_to_the_magnitude_criterion():
     with pytest.raises(ValueError, match="criterion 'l2' does not apply to 'fine' pruning"):
         task_from_module(_trained(), train, test,
                          config={**CONFIG, "granularity": "fine", "criterion": "l2"})  # fmt: skip
+
+
+def test_integer_inputs_are_refused_with_the_reason():
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.emb(x).mean(1))
+
+    ids = torch.randint(0, 20, (128, 12))
+    labels = torch.arange(128) % 4
+    with pytest.raises(DataError, match=r"inputs are torch.int64.*token ids"):
+        task_from_module(Tokens(), (ids, labels), (ids[:32], labels[:32]), config=CONFIG)
