@@ -111,9 +111,14 @@ def apply_policy(
     vec = policy.check(task) if isinstance(policy, Policy) else task.ratio_vector(policy)
     say = progress or (lambda _msg: None)
     cfg = task.config
-    before = dense_metrics(task, latency)
     if finetune_batches is not None and finetune_batches < 1:
         raise ValueError(f"finetune_batches must be >= 1 or None, got {finetune_batches}")
+    if finetune_epochs > 0 and not any(p.requires_grad for p in task.model.parameters()):
+        raise ValueError(
+            "every parameter of the model is frozen (requires_grad=False): there is nothing "
+            "to fine-tune; unfreeze the layers to train or pass finetune_epochs=0"
+        )
+    before = dense_metrics(task, latency)
     targets = ramp(vec, steps, schedule)
     model = task.prune(targets[0], persistent=True)
     task.recalibrate(model)

@@ -152,16 +152,29 @@ def gradient_moments(ctx: CriterionContext) -> tuple[dict[str, torch.Tensor], ..
     g1 = {n: torch.zeros_like(_weight(m)) for n, m in layers.items()}
     g2 = {n: torch.zeros_like(_weight(m)) for n, m in layers.items()}
     batches = _batches(ctx)
-    for xb, yb in batches:
+    weights = {}
+    for n, m in layers.items():
+        w = m.weight_orig if hasattr(m, "weight_orig") else m.weight
+        assert isinstance(w, torch.Tensor)
+        weights[n] = w
+    # frozen layers (requires_grad=False) are scored too: their gradients are asked for while
+    # the criterion runs, and the flags are given back afterwards
+    frozen = [w for w in weights.values() if not w.requires_grad]
+    for w in frozen:
+        w.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            for xb, yb in batches:
+                ctx.model.zero_grad(set_to_none=True)
+                F.cross_entropy(ctx.model(xb), yb).backward()
+                for n, w in weights.items():
+                    if w.grad is not None:
+                        g1[n] += w.grad / len(batches)
+                        g2[n] += w.grad.pow(2) / len(batches)
+    finally:
         ctx.model.zero_grad(set_to_none=True)
-        F.cross_entropy(ctx.model(xb), yb).backward()
-        for n, m in layers.items():
-            w = m.weight_orig if hasattr(m, "weight_orig") else m.weight
-            assert isinstance(w, torch.Tensor)
-            if w.grad is not None:
-                g1[n] += w.grad / len(batches)
-                g2[n] += w.grad.pow(2) / len(batches)
-    ctx.model.zero_grad(set_to_none=True)
+        for w in frozen:
+            w.requires_grad_(False)
     return g1, g2
 
 

@@ -200,13 +200,22 @@ def equivalence_error(
 
 
 def _probe(
-    model: nn.Module, space: PruningSpace, ratios: np.ndarray, x: torch.Tensor, seed: int
+    model: nn.Module,
+    space: PruningSpace,
+    ratios: np.ndarray,
+    x: torch.Tensor,
+    seed: int,
+    failures: list[str] | None = None,
 ) -> float:
+    """The equivalence error of one random pruning; a pruned model that cannot even run is
+    infinitely wrong, and what it raised is appended to ``failures``."""
     rng = np.random.default_rng(seed)
     ranking = Ranking.from_scores(space, [rng.random(u.size) for u in space.units])
     try:
         return equivalence_error(model, space, ranking, ratios, x)
-    except Exception:  # a shape mismatch inside the pruned model: certainly wrong
+    except Exception as exc:  # a shape mismatch inside the pruned model: certainly wrong
+        if failures is not None:
+            failures.append(f"{type(exc).__name__}: {exc}")
         return float("inf")
 
 
@@ -222,7 +231,8 @@ def verify_channel_pruning(model: nn.Module, space: PruningSpace, seed: int = 0)
     _outputs(model, x)  # the dense model's own failure is the user's error, not a refusal
     rng = np.random.default_rng(seed)
     ratios = rng.uniform(0.25, space.max_ratio, len(space))
-    error = _probe(model, space, ratios, x, seed)
+    failures: list[str] = []
+    error = _probe(model, space, ratios, x, seed, failures)
     if error <= TOLERANCE:
         _verify_costs(model, space, ratios, seed)
         return error
@@ -230,13 +240,15 @@ def verify_channel_pruning(model: nn.Module, space: PruningSpace, seed: int = 0)
     for u in space.units:
         alone = np.zeros(len(space))
         alone[u.index] = ratios[u.index]
-        if _probe(model, space, alone, x, seed) > TOLERANCE:
+        if _probe(model, space, alone, x, seed, failures) > TOLERANCE:
             bad.append(u.name)
+    raised = f"; the pruned model raised {failures[0][:300]}" if failures else ""
     raise SpaceError(
         f"channel pruning of {type(model).__name__} does not compute the masked model (error "
-        f"{error:.3g}) for units {bad or space.names}: the traced dependencies of these layers "
-        f"are wrong (e.g. a channel shuffle or an unsupported reshape). Keep them out of the "
-        f"search with ignore: {bad or space.names}, or use granularity 'fine' or 'nm'"
+        f"{error:.3g}) for units {bad or space.names}{raised}: the traced dependencies of these "
+        f"layers are wrong (e.g. a channel shuffle, an unsupported reshape, or a per-channel "
+        f"tensor outside the layers). Keep them out of the search with ignore: "
+        f"{bad or space.names}, or use granularity 'fine' or 'nm'"
     )
 
 

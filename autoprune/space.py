@@ -227,9 +227,15 @@ def _expand_ignore(model: nn.Module, ignore: Sequence[str]) -> set[str]:
 
 
 def _trace(model: nn.Module, example: torch.Tensor) -> Any:
-    """torch-pruning's dependency graph, with a tracing failure turned into a clear refusal."""
+    """torch-pruning's dependency graph, with a tracing failure turned into a clear refusal.
+
+    The tracer follows ``grad_fn``: the example requires grad so that layers whose parameters
+    are frozen (``requires_grad=False``, a frozen backbone) are traced like the others, and it
+    is passed as a one-element tuple so that the model is called on the batch, never on an
+    unbatched sample."""
+    example = example.detach().clone().requires_grad_(True)
     try:
-        return tp.DependencyGraph().build_dependency(model, example, verbose=False)
+        return tp.DependencyGraph().build_dependency(model, (example,), verbose=False)
     except Exception as exc:  # the tracer's own failures (e.g. ZeroDivisionError on shuffles)
         raise SpaceError(
             f"channel pruning cannot trace {type(model).__name__} "
@@ -283,6 +289,8 @@ def _members(
         if isinstance(target, nn.Parameter) and id(target) in params:
             key = params[id(target)]
             cut: tuple[str, int] | str = ("param", 0)
+        elif isinstance(target, nn.PReLU) and target.num_parameters == 1:
+            continue  # one slope shared by every channel: nothing per channel to cut
         elif isinstance(target, nn.Module) and id(target) in names:
             key = names[id(target)]
             cut = _layer_cut(target, op)

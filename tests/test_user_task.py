@@ -248,3 +248,13 @@ def test_integer_inputs_are_refused_with_the_reason():
     labels = torch.arange(128) % 4
     with pytest.raises(DataError, match=r"inputs are torch.int64.*token ids"):
         task_from_module(Tokens(), (ids, labels), (ids[:32], labels[:32]), config=CONFIG)
+
+
+def test_fine_tuning_a_fully_frozen_model_is_refused_before_any_work():
+    model = _trained()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    task = task_from_module(model, _data(128, 1), _data(32, 3), config=CONFIG)
+    with pytest.raises(ValueError, match="every parameter of the model is frozen"):
+        apply_policy(task, {"c1": 0.5}, finetune_epochs=1)
+    assert apply_policy(task, {"c1": 0.5}).after["test_accuracy"] >= 0  # no fine-tune: fine
