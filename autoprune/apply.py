@@ -24,7 +24,7 @@ from autoprune.criteria import CriterionContext, compute_scores
 from autoprune.models import ModelError, build_model, state_dict_mismatch
 from autoprune.policy import Policy
 from autoprune.pruning import Ranking, make_masks_permanent, prune_model, ramp, remove_channels
-from autoprune.space import PruningSpace
+from autoprune.space import PruningSpace, SpaceError
 from autoprune.task import CRITERION_SAMPLES, Task
 from autoprune.training import fine_tune
 
@@ -200,17 +200,23 @@ def load_pruned(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Mo
         )  # fmt: skip
     model = model.eval()
     if payload["granularity"] == "channel":
-        space = PruningSpace(
-            model,
-            payload["input_shape"],
-            "channel",
-            0.999,
-            payload["round_to"],
-            payload["nm_m"],
-            classifier=payload.get("classifier"),
-            ignore=payload.get("ignore", []),
-        )
-        vec = space.ratio_vector(policy.ratios)
+        try:
+            space = PruningSpace(
+                model,
+                payload["input_shape"],
+                "channel",
+                0.999,
+                payload["round_to"],
+                payload["nm_m"],
+                classifier=payload.get("classifier"),
+                ignore=payload.get("ignore", []),
+            )
+            vec = space.ratio_vector(policy.ratios)
+        except SpaceError as err:
+            raise ModelError(
+                f"{p} holds a pruned {payload['model']}; the model given, "
+                f"{type(model).__name__}, is not that architecture ({err})"
+            ) from None
         identity = Ranking("channel", [np.arange(u.size) for u in space.units])
         remove_channels(model, space, identity, space.removed_counts(vec))
     state = payload["state_dict"]

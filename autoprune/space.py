@@ -194,7 +194,7 @@ def find_classifier(
     (a linear head, or a 1x1 conv head followed by pooling as in SqueezeNet)."""
     if name is not None:
         if name not in layers:
-            kinds = "an nn.Conv2d or nn.Linear layer that runs in the forward pass"
+            kinds = "a convolution or nn.Linear layer that runs in the forward pass"
             raise SpaceError(f"classifier {name!r} is not {kinds}; layers: {list(layers)[-5:]}")
         return name
     if not isinstance(output, torch.Tensor) or output.dim() != 2:

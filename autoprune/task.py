@@ -288,7 +288,8 @@ def task_from_module(
 
     ``train`` / ``test`` / ``search``: tensors ``(x, y)``, ``Dataset``s of ``(input, label)``
     items, or ``DataLoader``s; ``search`` defaults to ``data.search_size`` items carved from
-    ``train``. ``example_input`` (default: one search input) is what the model is traced with.
+    ``train``. ``example_input``, when given, is checked against the data's input shape (the
+    model is traced and costed on float zeros of that shape).
     ``metric(model, batches) -> float`` (higher is better) replaces top-1 accuracy. ``config``
     sets everything else (granularity, criterion, evaluation, ``ignore``, ``model.classifier``);
     its ``model.name`` / ``data`` entries are not used. Bad input is refused before any work.

@@ -98,6 +98,18 @@ def test_user_module_and_loaders_search_apply_reload(tmp_path: Path):
         load_pruned(path)
     loaded, _ = load_pruned(path, model=SmallNet())
     assert torch.allclose(loaded(x), expected, atol=1e-5)
+
+    class Other(nn.Module):  # another architecture, same output width
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.conv(x).mean((2, 3)))
+
+    with pytest.raises(ValueError, match="the model given, Other, is not that architecture"):
+        load_pruned(path, model=Other())
     assert applied.after["test_accuracy"] > 25.0  # percent: the metric, above chance
 
 
