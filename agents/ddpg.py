@@ -628,7 +628,7 @@ class DDPGSearcher(Searcher):
         """Record a finished episode (its evaluation comes in the episode's last info)."""
         if self.remaining is not None and self.remaining <= 0:
             return
-        evaluation = Evaluation(**info["evaluation"])
+        evaluation = Evaluation.from_dict(info["evaluation"])
         reward = float(self.env.reward_fn(evaluation))
         self.record(evaluation, reward=reward, note="warm-up" if warmup else "")
         # The next episode's policy may be rejected early against the best so far, here and in

@@ -291,6 +291,8 @@ class NetAdaptSearcher(Searcher):
         if not self._met(state.vec):  # out of evaluations: the projection has no tuned weights
             self.evaluate(self.project(state.vec), note="final (evaluation budget exhausted)")
             return
+        if iteration == 0:  # the dense model already meets the budget: it is the policy
+            self.evaluate(state.vec, note="the dense model meets the budget")
         if int(self.options["long_finetune_batches"]) > 0:
             self._long_finetune(state)
         self.model = state.model

@@ -92,8 +92,8 @@ class Budget:
             if floor[metric] > limit + _TOL:
                 raise BudgetError(
                     f"budget {metric}<={limit:g} is unreachable: the smallest reachable is "
-                    f"{metric}={floor[metric]:.4f}, with every unit pruned to the maximum ratio "
-                    f"{float(np.max(max_ratios)):g} (raise the budget or max_ratio)"
+                    f"{metric}={floor[metric]:.4f}, with every unit pruned to ratio "
+                    f"{float(np.max(max_ratios)):.3g} (raise the budget or max_ratio)"
                 )
 
     def fill(self, cost_fn: CostFn, vec: np.ndarray, steps: int = 30) -> np.ndarray:

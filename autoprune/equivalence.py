@@ -230,7 +230,7 @@ def verify_channel_pruning(model: nn.Module, space: PruningSpace, seed: int = 0)
     x = torch.randn((1, *space.input_shape), generator=gen).to(device)  # one image, as tracing
     _outputs(model, x)  # the dense model's own failure is the user's error, not a refusal
     rng = np.random.default_rng(seed)
-    ratios = rng.uniform(0.25, space.max_ratio, len(space))
+    ratios = rng.uniform(min(0.25, space.max_ratio / 2), space.max_ratio, len(space))
     failures: list[str] = []
     error = _probe(model, space, ratios, x, seed, failures)
     if error <= TOLERANCE:

@@ -13,6 +13,7 @@ passes), and repeated policies (the same channel / weight counts) are answered f
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -83,6 +84,12 @@ class Evaluation:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Evaluation:
+        """Back from :meth:`to_dict` or the environment's info (a missing loss is None there)."""
+        loss = data.get("loss")
+        return cls(**{**data, "loss": math.nan if loss is None else float(loss)})
 
 
 Key = tuple[int, ...]  # removed channels / weights per unit: what makes two policies the same

@@ -210,14 +210,32 @@ class Task:
     def check_budget(self, budget: Budget | str | Mapping[str, float]) -> Budget:
         """Parse a budget and make sure the task can measure and reach it."""
         budget = Budget.parse(budget)
-        max_vec = np.full(len(self.space), self.space.max_ratio)
-        budget.check_reachable(lambda v: self.cost_ratios(v, budget.metrics), max_vec)
+        budget.check_reachable(lambda v: self.cost_ratios(v, budget.metrics), self._target(budget))
         return budget
 
     def project(self, vec: np.ndarray, budget: Budget) -> np.ndarray:
         """Move a ratio vector just far enough towards max_ratio to meet the budget."""
+        target = self._target(budget)
+        return budget.project(lambda v: self.cost_ratios(v, budget.metrics), vec, target)
+
+    def _target(self, budget: Budget) -> np.ndarray:
+        """Where projection heads: every unit at max_ratio, the cheapest policy when costs fall
+        as ratios grow (FLOPs, params). Measured latency need not: a layer can run faster at
+        some width than at a smaller one, so when the most pruned policy misses a latency
+        budget, the uniform policy that misses it least (or meets it) on a grid is the target."""
         max_vec = np.full(len(self.space), self.space.max_ratio)
-        return budget.project(lambda v: self.cost_ratios(v, budget.metrics), vec, max_vec)
+        if "latency" not in budget.metrics:
+            return max_vec
+        cache: dict[str, np.ndarray] = self.__dict__.setdefault("_budget_targets", {})
+        key = str(budget)
+        if key not in cache:
+            cost = lambda v: self.cost_ratios(v, budget.metrics)  # noqa: E731
+            target = max_vec
+            if not budget.met_by(cost(max_vec)):
+                grid = [t * max_vec for t in np.linspace(0.05, 1.0, 20)]
+                target = min(grid, key=lambda v: budget.excess(cost(v)))
+            cache[key] = target
+        return cache[key]
 
 
 def _data_config_error(config: TaskConfig) -> None:

@@ -312,9 +312,19 @@ def evaluate_split(
     model.eval()
     try:
         with torch.no_grad():
-            return float(metric(model, _on_device(split.batches(batch_size), model))), math.nan
+            value = float(metric(model, _on_device(split.batches(batch_size), model)))
     finally:
         model.train(was_training)
+    if not math.isfinite(value):  # it would become a search's best, or the agent's reward
+        raise ValueError(
+            f"the metric returned {value!r} for a model ({_param_count(model):,} parameters); "
+            "it must return a finite float for every pruned model, the most pruned included"
+        )
+    return value, math.nan
+
+
+def _param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def _on_device(batches: Iterable[tuple[Tensor, Tensor]], model: nn.Module) -> Iterator[Any]:

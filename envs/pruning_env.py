@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -206,15 +207,19 @@ class PruningEnv(gym.Env):
         return self.evaluator.evaluate(self._ratios, self.reject_below)
 
     def _terminal_info(self, e: Evaluation) -> dict[str, Any]:
+        # A task metric has no loss: None rather than NaN, which never equals itself (Gymnasium's
+        # determinism check compares infos) and is not JSON.
+        loss = None if math.isnan(e.loss) else e.loss
+        evaluation = {**e.to_dict(), "loss": loss}
         info: dict[str, Any] = {
             "policy": dict(e.ratios),
             "accuracy": e.accuracy,
-            "loss": e.loss,
+            "loss": loss,
             "flops_ratio": e.flops_ratio,
             "params_ratio": e.params_ratio,
             "eval_seconds": e.seconds.get("total", 0.0),
             "cached": e.cached,
-            "evaluation": e.to_dict(),  # everything, for searchers running envs elsewhere
+            "evaluation": evaluation,  # everything, for searchers running envs elsewhere
             "applied": self._ratios.tolist(),  # what was evaluated, unit by unit
         }
         if e.latency_ratio is not None:

@@ -4,7 +4,7 @@ Each reward is a small function of the terminal evaluation. Use ``acc`` (or ``lo
 search split's cross-entropy) with a hard budget (budget-constrained search: the budget is
 guaranteed by action clipping, so the reward only has to rank accuracy) and the ``acc_log_*``
 rewards for accuracy-guaranteed search, where the agent also gains from removing more cost:
-``-error * log(cost)`` (AMC's R_FLOPs).
+``-error * log(cost)`` (AMC's R_FLOPs, with the cost as an absolute count above 1).
 """
 
 from __future__ import annotations
@@ -44,25 +44,33 @@ def loss(e: Evaluation) -> float:
 
 
 def _log_cost(error: float, cost: float | None, name: str) -> float:
+    """AMC's ``-error * log(cost)``, on a cost above 1 so that the reward rises with accuracy
+    and falls with cost. (On a ratio of the dense cost, whose log is negative, it would reward
+    error: a chance-level model at a quarter of the FLOPs would beat a perfect dense one.)"""
     if cost is None:
-        raise ValueError(f"reward needs the {name} ratio, which this evaluation lacks")
-    return float(-error * math.log(max(cost, 1e-6)))
+        raise ValueError(f"reward needs the {name}, which this evaluation lacks")
+    return float(-error * math.log(max(cost, 1.0 + 1e-9)))
 
 
 @register("acc_log_flops")
 def acc_log_flops(e: Evaluation) -> float:
-    """-error * log(FLOPs ratio): rewards both accuracy and a smaller model (AMC's R_FLOPs)."""
-    return _log_cost(1.0 - e.accuracy, e.flops_ratio, "flops")
+    """-error * log(MACs): rewards both accuracy and a smaller model (AMC's R_FLOPs, on the
+    absolute count as in the paper)."""
+    return _log_cost(1.0 - e.accuracy, e.macs, "MAC count")
 
 
 @register("acc_log_params")
 def acc_log_params(e: Evaluation) -> float:
-    return _log_cost(1.0 - e.accuracy, e.params_ratio, "params")
+    """-error * log(parameters)."""
+    return _log_cost(1.0 - e.accuracy, e.params, "parameter count")
 
 
 @register("acc_log_latency")
 def acc_log_latency(e: Evaluation) -> float:
-    return _log_cost(1.0 - e.accuracy, e.latency_ratio, "latency")
+    """-error * log(latency in thousandths of the dense model's): the lookup table predicts a
+    ratio, and any unit that keeps the cost above 1 gives the same ranking trade-off."""
+    ratio = e.latency_ratio
+    return _log_cost(1.0 - e.accuracy, None if ratio is None else 1000.0 * ratio, "latency")
 
 
 def get_reward(reward: str | Reward) -> tuple[str, Reward]:

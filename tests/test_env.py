@@ -17,6 +17,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import autoprune as ap
 from autoprune.costs import count_params, measure_macs
+from autoprune.evaluate import Evaluation
 from autoprune.models import MODELS, build_model
 from autoprune.task import Task
 
@@ -123,11 +124,32 @@ def test_terminal_info_and_rewards(default_task):
     env = PruningEnv(default_task, budget="flops=0.5", reward="acc_log_flops")
     reward, info = _run(env, np.zeros(len(default_task.units)))
     assert set(info) >= {"policy", "accuracy", "loss", "flops_ratio", "params_ratio"}
-    expected = -(1 - info["accuracy"]) * np.log(info["flops_ratio"])
-    assert reward == pytest.approx(expected)
+    macs, _ = default_task.space.costs(np.asarray(info["applied"]))
+    assert reward == pytest.approx(-(1 - info["accuracy"]) * np.log(macs))  # AMC: absolute FLOPs
     custom = PruningEnv(default_task, budget="flops=0.5", reward=lambda e: 2.0 * e.accuracy)
     reward, info = _run(custom, np.zeros(len(default_task.units)))
     assert reward == pytest.approx(2 * info["accuracy"])
+
+
+@pytest.mark.parametrize("name", ["acc_log_flops", "acc_log_params", "acc_log_latency"])
+def test_cost_rewards_rise_with_accuracy_and_fall_with_cost(name: str):
+    from autoprune.envs.rewards import REWARDS
+
+    def evaluation(accuracy: float, ratio: float) -> Evaluation:
+        return Evaluation(ratios={}, accuracy=accuracy, loss=0.0, flops_ratio=ratio,
+                          params_ratio=ratio, macs=ratio * 4e7, params=ratio * 3e5,
+                          latency_ratio=ratio)  # fmt: skip
+
+    reward = REWARDS[name]
+    for ratio in (0.1, 0.5, 1.0):  # at equal cost, the more accurate policy wins
+        assert (
+            reward(evaluation(0.9, ratio))
+            > reward(evaluation(0.5, ratio))
+            > reward(evaluation(0.1, ratio))
+        )
+    for accuracy in (0.2, 0.8):  # at equal (imperfect) accuracy, the cheaper policy wins
+        assert reward(evaluation(accuracy, 0.25)) > reward(evaluation(accuracy, 0.5))
+    assert reward(evaluation(1.0, 1.0)) > reward(evaluation(0.0, 0.25))  # dense and perfect
 
 
 def test_gym_make_and_sb3(default_task):

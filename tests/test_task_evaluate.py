@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -179,3 +180,23 @@ def test_yaml_config(tmp_path):
     cfg.write_text("model: [unclosed\n")
     with pytest.raises(ap.ConfigError, match="malformed YAML"):
         ap.task_config(cfg)
+
+
+def test_a_latency_that_is_not_monotone_in_the_ratios_is_still_reached(default_task, monkeypatch):
+    """Measured latency can rise again at the widest cuts; reachability and projection must not
+    assume that the most pruned policy is the fastest."""
+    import types
+
+    def cost_ratios(self, vec, metrics=("flops",)):
+        m = float(np.mean(vec)) / self.space.max_ratio  # 0 dense .. 1 every unit at max
+        latency = 1.0 - 0.6 * m if m <= 0.5 else 0.7 + 0.4 * (m - 0.5)  # fastest half way
+        return {"latency": latency, "flops": 1.0 - 0.5 * m}
+
+    task = copy.copy(default_task)
+    task.__dict__.pop("_budget_targets", None)  # the shared fixture's cache is not ours
+    monkeypatch.setattr(task, "cost_ratios", types.MethodType(cost_ratios, task))
+    budget = task.check_budget("latency=0.75")  # the all-max policy is at 0.9: not the floor
+    vec = task.project(np.zeros(len(task.space)), budget)
+    assert budget.met_by(task.cost_ratios(vec, budget.metrics))
+    with pytest.raises(ap.BudgetError, match=r"smallest reachable is latency=0\.7\d+"):
+        task.check_budget("latency=0.6")

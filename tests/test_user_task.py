@@ -270,3 +270,55 @@ def test_fine_tuning_a_fully_frozen_model_is_refused_before_any_work():
     with pytest.raises(ValueError, match="every parameter of the model is frozen"):
         apply_policy(task, {"c1": 0.5}, finetune_epochs=1)
     assert apply_policy(task, {"c1": 0.5}).after["test_accuracy"] >= 0  # no fine-tune: fine
+
+
+class OneUnit(nn.Module):
+    """Exactly one prunable unit: the first environment step is also the last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.c1(x)).mean((2, 3)))
+
+
+def test_one_unit_task_with_a_metric_passes_the_environment_checker():
+    from autoprune.envs.pruning_env import PruningEnv
+    from gymnasium.utils.env_checker import check_env
+
+    from autoprune.evaluate import Evaluation
+
+    task = task_from_module(OneUnit(), _data(128, 1), _data(32, 3), metric=top1_percent,
+                            config=CONFIG)  # fmt: skip
+    env = PruningEnv(task, "flops=0.6")
+    check_env(env, skip_render_check=True)  # compares two terminal infos: NaN != NaN failed it
+    env.reset(seed=0)
+    _, _, terminated, _, info = env.step(env.action_space.sample())
+    assert terminated and info["loss"] is None and info["evaluation"]["loss"] is None
+    assert np.isnan(Evaluation.from_dict(info["evaluation"]).loss)
+
+
+def test_a_metric_that_turns_non_finite_on_a_pruned_model_stops_the_search_clearly():
+    def fragile(model, batches):  # finite on the dense model, NaN once c1 is pruned
+        return float("nan") if model.c1.out_channels < 8 else top1_percent(model, batches)
+
+    task = task_from_module(_trained(), _data(128, 1), _data(32, 3), metric=fragile,
+                            config=CONFIG)  # fmt: skip
+    with pytest.raises(ValueError, match=r"the metric returned nan .* a finite float"):
+        search("random", task, "flops=0.6", seed=0, evaluations=4)
+
+
+def test_netadapt_returns_the_dense_model_when_it_meets_the_budget():
+    task = task_from_module(_trained(), _data(128, 1), _data(32, 3), config=CONFIG)
+    result = search("netadapt", task, "flops=1.0", evaluations=4)
+    assert result.best is not None and result.evaluations == 1
+    assert all(r == 0 for r in result.best_ratios.values())
+
+
+def test_small_max_ratios_build_channel_tasks():
+    for max_ratio in (0.05, 0.2):
+        task = task_from_module(_trained(), _data(128, 1), _data(32, 3),
+                                config={**CONFIG, "max_ratio": max_ratio})  # fmt: skip
+        assert task.space.max_ratio == max_ratio
