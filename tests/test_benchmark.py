@@ -153,7 +153,16 @@ def test_tiny_benchmark_tables_plots_runs_and_resume(tmp_path, monkeypatch, caps
         ({"models": {"resnet20": {"evaluations": 4, "speed": 2}}}, (), "speed"),
         ({"options": {"random": {"sigma": 0.3}}}, (), "sigma"),
         (
-            {"extra": [{"model": "resnet20", "granularity": "fine", "budget": "params=0.5"}]},
+            {
+                "extra": [
+                    {
+                        "model": "resnet20",
+                        "granularity": "fine",
+                        "criterion": "l2",
+                        "budget": "params=0.5",
+                    }
+                ]
+            },
             (),
             "criterion 'l2' does not apply to 'fine'",
         ),
