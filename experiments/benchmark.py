@@ -261,6 +261,11 @@ def load_plan(path: Path, args: argparse.Namespace) -> Plan:
                     )
                 )  # fmt: skip
     Budget.parse(plan.main_budget)
+    if args.granularities:
+        unknown = sorted(set(args.granularities) - {"channel", "fine", "nm"})
+        if unknown:
+            raise ConfigError(f"--granularities: unknown {unknown}; choose from channel, fine, nm")
+        plan.groups = [g for g in plan.groups if g.granularity in args.granularities]
     if not plan.groups:
         raise ConfigError("the benchmark plan has no group (models x budgets) to run")
     for group in plan.groups:
@@ -770,6 +775,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--finetune-epochs", type=int)
     p.add_argument("--workers", type=int)
     p.add_argument("--no-extra", action="store_true", help="skip the fine / 2:4 rows")
+    p.add_argument("--granularities", type=_csv,
+                   help="only the groups of these granularities, e.g. fine,nm (the plan's "
+                        "fine / 2:4 groups without the channel ones)")  # fmt: skip
     p.add_argument("--experiment", help="MLflow experiment (default: the plan's)")
     p.add_argument("--tracking-uri", help="MLflow URI (default sqlite:///mlflow.db)")
     p.add_argument("--resume", action="store_true", help="skip the groups already in --out")

@@ -297,6 +297,10 @@ def test_budgets_narrow_the_granularity_groups_and_models_set_seeds(tmp_path):
     assert "evaluations" not in cfg.search.options["sensitivity"]  # ... but not for the scan
     forced = bench.load_plan(plan_path, bench.parse_args(["--seeds", "3"]))
     assert forced.config(forced.groups[0], None).search.seeds == [3]  # --seeds wins
+    only = bench.load_plan(plan_path, bench.parse_args(["--granularities", "fine,nm"]))
+    assert [g.key for g in only.groups] == ["resnet20/fine/params=0.5"]  # no channel group added
+    with pytest.raises(bench.ConfigError, match=r"unknown \['coarse'\]"):
+        bench.load_plan(plan_path, bench.parse_args(["--granularities", "coarse"]))
 
 
 def test_cost_estimate_counts_the_plans_searches_and_evaluations(tmp_path):
