@@ -358,12 +358,15 @@ class Service:
         cuda = torch.cuda.is_available()
         if cfg.device == "cuda" and not cuda:
             raise _unprocessable(["device"], "this service has no CUDA device (use cpu or auto)")
+        from autoprune.data import DataError
         from autoprune.space import SpaceError
 
         try:
             units, reachable = _structure(cfg)
         except SpaceError as err:  # a classifier or an ignored layer the model does not have
             raise _unprocessable(_space_error_field(str(err)), str(err)) from None
+        except DataError as err:  # e.g. a search split that leaves no training image
+            raise _unprocessable(["data"], str(err)) from None
         if not reachable[0]:
             raise _unprocessable(["search", "budget"], reachable[1])
         for name in cfg.search.searchers:

@@ -162,6 +162,7 @@ def test_former_server_errors_are_422_with_the_field(client, options: dict, loc:
          "unreachable"),
         ({"search": {"searchers": ["sensitivity"], "evaluations": 10}},
          ["search", "evaluations"], "sensitivity needs 50"),
+        ({"data": {"test_fraction": 0.75}}, ["data"], "does not fit in the training set"),
     ],
 )  # fmt: skip
 def test_what_would_fail_after_launch_is_refused_before_it(client, body, loc, words):
