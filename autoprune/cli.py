@@ -85,6 +85,8 @@ def units(config: ConfigArg = None, overrides: OverridesArg = None) -> None:
         table.add_row(*(str(v) for v in row.values()))
     console.print(table)
     console.print(f"dense MACs {task.space.dense_macs:,.0f}, params {task.space.dense_params:,.0f}")
+    if task.skipped:
+        console.print(f"kept out as unsupported (ignore_unsupported): {', '.join(task.skipped)}")
 
 
 @app.command()

@@ -226,6 +226,12 @@ class TaskConfig(_Strict):
         description="Layers (or module prefixes) kept out of the search: their output channels "
         "(channel) or weights (fine / nm) are never pruned.",
     )
+    ignore_unsupported: bool = Field(
+        default=False,
+        description="channel: keep the units that channel pruning would refuse (structures it "
+        "cannot cut correctly) out of the search, added to ignore and reported, instead of "
+        "refusing the task.",
+    )
     reconstruct: bool = Field(default=False, description="Least-squares refit of next layers.")
     nm: NMConfig = Field(default_factory=NMConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -248,7 +248,8 @@ def verify_channel_pruning(model: nn.Module, space: PruningSpace, seed: int = 0)
         f"{error:.3g}) for units {bad or space.names}{raised}: the traced dependencies of these "
         f"layers are wrong (e.g. a channel shuffle, an unsupported reshape, or a per-channel "
         f"tensor outside the layers). Keep them out of the search with ignore: "
-        f"{bad or space.names}, or use granularity 'fine' or 'nm'"
+        f"{bad or space.names}, or use granularity 'fine' or 'nm'",
+        units=bad or space.names,
     )
 
 
@@ -290,7 +291,8 @@ def _verify_costs(model: nn.Module, space: PruningSpace, ratios: np.ndarray, see
         f"for a pruned probe that runs {macs[1]:,.0f} MACs with {params[1]:,.0f} parameters "
         f"(compute outside nn.Conv2d / nn.Linear modules that depends on these channels). Keep "
         f"them out of the search with ignore: {bad or space.names}, or use granularity 'fine' "
-        f"or 'nm'"
+        f"or 'nm'",
+        units=bad or space.names,
     )
 
 

@@ -386,10 +386,11 @@ def run_experiment(
         cfg = cfg.model_copy(
             update={"search": cfg.search.model_copy(update={"evaluations": evaluations})}
         )
-    if task is not None:
-        cfg = cfg.model_copy(update=dict(task.config))
-    search = cfg.search
     task = task if task is not None else build_task(cfg.task(), progress=True)
+    # the task's config as built: a given task's, or with ``ignore_unsupported`` the units it
+    # kept out added to ``ignore`` (recorded so that a resume rebuilds the same space)
+    cfg = cfg.model_copy(update=dict(task.config))
+    search = cfg.search
     budget = task.check_budget(search.budget)
     for name in search.searchers:  # options and evaluation budgets, before anything runs
         seeds_for(search, name)
@@ -399,6 +400,11 @@ def run_experiment(
         )  # fmt: skip
     for text in evaluation_notices(search):
         hooks.notice(text)
+    if getattr(task, "skipped", None):
+        hooks.notice(
+            f"ignore_unsupported: units {task.skipped} are kept out of the search (channel "
+            "pruning cannot cut them correctly); the run's config lists them under ignore"
+        )
     hooks.task_ready(task)
     config_dict = cfg.model_dump(mode="json")
     tags = _tags(cfg, str(budget))

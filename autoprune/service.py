@@ -179,7 +179,7 @@ def _structure(cfg: ExperimentConfig) -> tuple[int, tuple[bool, str]]:
     measured table and is checked when the search starts)."""
     key = json.dumps(
         [cfg.model.name, cfg.data.model_dump(mode="json"), cfg.granularity, cfg.max_ratio,
-         cfg.round_to, cfg.nm.m, cfg.model.classifier, list(cfg.ignore)]
+         cfg.round_to, cfg.nm.m, cfg.model.classifier, list(cfg.ignore), cfg.ignore_unsupported]
     )  # fmt: skip
     units, space = _space(key)
     budget = Budget.parse(cfg.search.budget)
@@ -206,16 +206,22 @@ def _space_error_field(message: str) -> list[str | int]:
 @functools.lru_cache(maxsize=32)
 def _space(key: str) -> tuple[int, Any]:
     from autoprune.data import load_data
-    from autoprune.space import PruningSpace
+    from autoprune.space import PruningSpace, SpaceError
 
-    name, data_cfg, granularity, max_ratio, round_to, m, classifier, ignore = json.loads(key)
+    name, data_cfg, granularity, max_ratio, round_to, m, classifier, ignore, skip = json.loads(key)
     data = load_data(DataConfig.model_validate(data_cfg))
     model = build_model(name, data.in_channels, data.num_classes)
-    space = PruningSpace(
-        model, data.input_shape, granularity, max_ratio=max_ratio, round_to=round_to, nm_m=m,
-        classifier=classifier, ignore=ignore,
-    )  # fmt: skip
-    return len(space), space
+    while True:  # the structure alone (the job's task also checks masking equivalence)
+        try:
+            space = PruningSpace(
+                model, data.input_shape, granularity, max_ratio=max_ratio, round_to=round_to,
+                nm_m=m, classifier=classifier, ignore=ignore,
+            )  # fmt: skip
+            return len(space), space
+        except SpaceError as err:  # ignore_unsupported: keep the refused units out, as a task
+            if not (skip and set(err.units) - set(ignore)):
+                raise
+            ignore = [*ignore, *(u for u in err.units if u not in ignore)]
 
 
 def _unprocessable(loc: list[str | int], msg: str) -> RequestValidationError:

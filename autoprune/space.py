@@ -14,7 +14,7 @@ costs; issue 2: trace once per task, not once per policy).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,14 @@ UNIT_KINDS = ("conv", "dwconv", "linear")
 
 
 class SpaceError(ValueError):
-    """A pruning space cannot be built or a policy does not fit it."""
+    """A pruning space cannot be built or a policy does not fit it.
+
+    ``units`` names the channel units refused as unsupported (their root layers, valid
+    ``ignore`` entries), when the error is such a refusal; empty otherwise."""
+
+    def __init__(self, message: str, units: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.units = tuple(units)
 
 
 @dataclass
@@ -244,6 +251,46 @@ def _trace(model: nn.Module, example: torch.Tensor) -> Any:
         ) from exc
 
 
+_ROOTS = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)  # the layer types torch-pruning roots groups at
+
+
+def _groups(graph: Any, ignored: Sequence[nn.Module], names: Mapping[int, str]) -> Iterator[Any]:
+    """(root layer name, dependency group) of every prunable conv / linear layer in the graph,
+    as torch-pruning's ``get_all_groups`` yields them, but one layer at a time: where the library
+    fails to map one layer's dependencies (e.g. an ``IndexError`` on a recurrent layer), that
+    layer comes with the reason (a string) instead of the whole model failing."""
+    skip = {id(m) for m in [*ignored, *graph.IGNORED_LAYERS_IN_TRACING]}
+    seen: set[int] = set()
+    for module in list(graph.module2node):
+        if id(module) in skip or id(module) in seen or not isinstance(module, _ROOTS):
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        channels = None if pruner is None else pruner.get_out_channels(module)
+        if channels is None:
+            continue
+        name = names.get(id(module), type(module).__name__)
+        try:
+            everything = list(range(channels))
+            group = graph.get_pruning_group(module, pruner.prune_out_channels, everything)
+        except Exception as exc:  # the library's own failure on a structure it does not handle
+            seen.add(id(module))
+            yield (
+                name,
+                (
+                    f"torch-pruning cannot map its channel dependencies ({type(exc).__name__}: "
+                    f"{str(exc)[:120]})"
+                ),
+            )
+            continue
+        keep = True
+        for dep, _ in group:
+            if graph.is_out_channel_pruning_fn(dep.handler):
+                seen.add(id(dep.target.module))
+                keep = keep and id(dep.target.module) not in skip
+        if keep:
+            yield name, group
+
+
 _GROUPED_WHY = "(the same channels must be removed in every group)"
 
 
@@ -416,7 +463,10 @@ class PruningSpace:
         ignored = [modules[n] for n in self.ignored]
         units: list[Unit] = []
         problems: dict[str, list[str]] = {}
-        for group in graph.get_all_groups(ignored_layers=ignored):
+        for root_name, group in _groups(graph, ignored, names):
+            if isinstance(group, str):  # torch-pruning failed to map this layer's dependencies
+                problems[root_name] = [group]
+                continue
             members, issues = _members(group, names, params, modules)
             outs = [m.module for m in members if m.is_out and m.module in self.layers]
             if not outs:
@@ -431,7 +481,7 @@ class PruningSpace:
             unit.cells = cells
             units.append(unit)
         if problems:
-            raise SpaceError(_refusal(problems))
+            raise SpaceError(_refusal(problems), units=list(problems))
         units.sort(key=lambda u: order[u.name])
         for i, u in enumerate(units):
             u.index = i

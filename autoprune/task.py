@@ -8,6 +8,7 @@ checkpoint on first use, tracing the model, scoring channels).
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -26,7 +27,7 @@ from autoprune.equivalence import verify_channel_pruning
 from autoprune.models import build_model, checkpoint_hash, load_checkpoint, resolve_factory
 from autoprune.pruning import Ranking, prune_model
 from autoprune.reconstruct import reconstruct
-from autoprune.space import PruningSpace
+from autoprune.space import PruningSpace, SpaceError
 from autoprune.training import (
     Metric,
     default_checkpoint,
@@ -36,6 +37,7 @@ from autoprune.training import (
 )
 
 RatiosLike = Mapping[str, float] | Sequence[float] | np.ndarray
+log = logging.getLogger(__name__)
 CRITERION_SAMPLES = 256  # images of the search split used by data-driven criteria
 
 
@@ -60,8 +62,33 @@ class Task:
             checkpoint_digest = checkpoint_hash(checkpoint) if checkpoint else weights_hash(model)
         self.checkpoint_hash = checkpoint_digest
         self.input_shape = tuple(int(s) for s in data.input_shape)
-        self.space = self.space_for(model, config.max_ratio)
-        verify_channel_pruning(model, self.space, seed=config.seed)
+        self.skipped: list[str] = []  # units kept out as unsupported (``ignore_unsupported``)
+        self.space = self._verified_space(model)
+
+    def _verified_space(self, model: nn.Module) -> PruningSpace:
+        """The task's pruning space, checked by masking equivalence; with
+        ``ignore_unsupported``, the units channel pruning refuses are added to ``ignore`` (the
+        task's config then names them, so that a policy, a saved model or a Ray worker sees the
+        same space) and listed in ``skipped``, and the space is built again without them."""
+        while True:
+            try:
+                space = self.space_for(model, self.config.max_ratio)
+                verify_channel_pruning(model, space, seed=self.config.seed)
+                return space
+            except SpaceError as err:
+                new = [u for u in err.units if u not in self.config.ignore]
+                if not (self.config.ignore_unsupported and new):
+                    if self.skipped and not err.units:
+                        raise SpaceError(
+                            f"{err} (ignore_unsupported kept out the units {self.skipped})"
+                        ) from err
+                    raise
+                self.skipped += new
+                log.warning(
+                    "ignore_unsupported: units %s kept out of the search (%s)", new, str(err)[:300]
+                )
+                ignore = [*self.config.ignore, *new]
+                self.config = self.config.model_copy(update={"ignore": ignore})
 
     def space_for(self, model: nn.Module, max_ratio: float = 0.999) -> PruningSpace:
         """The pruning space of ``model`` (the dense one, or an already pruned copy) with the
@@ -107,7 +134,10 @@ class Task:
         return fp
 
     def describe(self) -> dict[str, Any]:
-        return {**self.fingerprint(), "autoprune": __version__, "splits": self.data.sizes()}
+        out = {**self.fingerprint(), "autoprune": __version__, "splits": self.data.sizes()}
+        if self.skipped:
+            out["skipped_unsupported"] = list(self.skipped)
+        return out
 
     # ------------------------------------------------------------ judging
     @cached_property

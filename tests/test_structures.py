@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from structures import REFUSED, SHAPE, STRUCTURES, randomize_norms
+import torch.nn.functional as F
+from structures import PARTLY, REFUSED, SHAPE, STRUCTURES, randomize_norms
 from torch import nn
 
 from autoprune.costs import count_params, measure_macs
@@ -218,6 +219,82 @@ def test_grouped_conv_shared_by_two_units_is_refused():
         PruningSpace(TwoIntoGroups(), SHAPE, "channel")
     space = PruningSpace(TwoIntoGroups(), SHAPE, "channel", ignore=["a", "b"])
     assert space.names == ["g"]
+
+
+def test_a_library_failure_on_one_layer_is_a_refusal_of_that_unit():
+    """torch-pruning's own IndexError on the layer feeding a GRU refuses that unit, with the way
+    out, instead of failing the whole build; the conv branch beside it prunes correctly."""
+    model = randomize_norms(PARTLY["recurrent"]()).eval()
+    with pytest.raises(
+        SpaceError, match=r"unit 'proj': torch-pruning cannot map.*IndexError.*ignore: \['proj'\]"
+    ) as err:
+        PruningSpace(model, SHAPE, "channel")
+    assert err.value.units == ("proj",)
+    space = PruningSpace(model, SHAPE, "channel", ignore=["proj"])
+    assert space.names == ["conv.0"]
+    verify_channel_pruning(model, space)
+
+
+@pytest.mark.parametrize("arch", sorted(PARTLY))
+def test_ignore_unsupported_prunes_the_rest_correctly_and_saves_it(arch: str, tmp_path: Path):
+    from structures import build
+
+    from autoprune import build_task
+    from autoprune.apply import apply_policy, load_pruned, save_pruned
+    from autoprune.policy import Policy
+
+    torch.manual_seed(0)
+    torch.save(build(arch=arch).state_dict(), tmp_path / "dense.pt")
+    model = {"name": "structures:build", "kwargs": {"arch": arch}}
+    model["checkpoint"] = str(tmp_path / "dense.pt")
+    config = {"model": model, "data": {"resize": 16, "search_size": 64}, "seed": 1}
+    with pytest.raises(SpaceError, match="ignore") as err:  # refused by default
+        build_task(config)
+    task = build_task({**config, "ignore_unsupported": True})
+    assert task.skipped and set(err.value.units) <= set(task.skipped)
+    assert task.units and not set(task.skipped) & set(task.units)
+    assert task.config.ignore == task.skipped and task.fingerprint()["ignore"] == sorted(
+        task.skipped
+    )
+    assert task.describe()["skipped_unsupported"] == task.skipped
+    # the units kept are pruned correctly: against the dense model with those channels zeroed
+    rng = np.random.default_rng(3)
+    x = torch.randn(4, *SHAPE)
+    for _ in range(3):
+        ranking = _ranking(task.space, rng)
+        ratios = rng.uniform(0.2, task.space.max_ratio, len(task.space))
+        assert equivalence_error(task.model, task.space, ranking, ratios, x) <= TOLERANCE
+    # the same space as naming the skipped units by hand; a saved model loads with its outputs
+    assert build_task({**config, "ignore": task.skipped}).units == task.units
+    policy = Policy.from_task(task, task.ratios_dict(np.full(len(task.space), 0.5)))
+    result = apply_policy(task, policy, finetune_epochs=0, latency=False)
+    loaded, _ = load_pruned(save_pruned(tmp_path / "pruned.pt", task, result.model, policy))
+    xt = task.data.x_test[:8]
+    assert torch.allclose(loaded.eval()(xt), result.model.eval()(xt), atol=1e-5)
+    assert count_params(loaded) < count_params(task.model)
+
+
+def test_ignore_unsupported_says_when_nothing_is_left():
+    class OnlyRecurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(16, 12)
+            self.gru = nn.GRU(12, 12, batch_first=True)
+            self.fc = nn.Linear(12, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seq, _ = self.gru(F.relu(self.proj(x.reshape(x.shape[0], 16, 16))))
+            return self.fc(seq[:, -1])
+
+    from autoprune.task import task_from_module
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, *SHAPE, generator=gen), torch.randint(0, 10, (40,), generator=gen)
+    with pytest.raises(SpaceError, match=r"no prunable units.*kept out the units \['proj'\]"):
+        task_from_module(
+            OnlyRecurrent(), train=(x, y), test=(x, y), search=(x, y),
+            config={"ignore_unsupported": True},
+        )  # fmt: skip
 
 
 # ------------------------------------------------------------ classifier and ignore
