@@ -274,6 +274,31 @@ def test_ignore_unsupported_prunes_the_rest_correctly_and_saves_it(arch: str, tm
     assert count_params(loaded) < count_params(task.model)
 
 
+def test_ignore_unsupported_experiment_records_the_units_kept_out(tmp_path: Path):
+    """MLflow records the config as built (the skipped units under ``ignore``), and a resume
+    rebuilds the same space from it."""
+    from structures import build
+
+    from autoprune.experiment import experiment_config, run_experiment
+    from autoprune.tracking import TrackingStore
+
+    torch.save(build(arch="vit").state_dict(), tmp_path / "dense.pt")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = experiment_config(overrides=[
+        "model.name=structures:build", "model.kwargs={arch: vit}",
+        f"model.checkpoint={tmp_path / 'dense.pt'}", "data.resize=16", "data.search_size=64",
+        "ignore_unsupported=true", "search.searchers=[random]", "search.evaluations=3",
+        "search.workers=0", "search.budget=flops=0.9", f"tracking.uri={uri}",
+    ])  # fmt: skip
+    result = run_experiment(cfg)
+    skipped = result.task.skipped
+    assert skipped and TrackingStore(uri).config_of(result.parent_id)["ignore"] == skipped
+    assert set(result.best().policy.ratios) == set(result.task.units)
+    again = run_experiment(experiment_config(overrides=[f"tracking.uri={uri}"]),
+                           resume=result.parent_id)  # fmt: skip
+    assert again.task.units == result.task.units and again.task.config.ignore == skipped
+
+
 def test_ignore_unsupported_says_when_nothing_is_left():
     class OnlyRecurrent(nn.Module):
         def __init__(self) -> None:
