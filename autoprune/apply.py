@@ -22,6 +22,7 @@ from torch import nn
 from autoprune.costs import count_params, measure_latency, measure_macs
 from autoprune.criteria import CriterionContext, compute_scores
 from autoprune.models import ModelError, build_model, state_dict_mismatch
+from autoprune.models.registry import uncompiled
 from autoprune.policy import Policy
 from autoprune.pruning import Ranking, make_masks_permanent, prune_model, ramp, remove_channels
 from autoprune.space import PruningSpace, SpaceError
@@ -198,7 +199,7 @@ def load_pruned(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Mo
             payload["model"], payload["in_channels"], payload["num_classes"],
             **payload["model_kwargs"],
         )  # fmt: skip
-    model = model.eval()
+    model = uncompiled(model).eval()
     if payload["granularity"] == "channel":
         try:
             space = PruningSpace(

@@ -25,6 +25,7 @@ from autoprune.criteria import CriterionContext, compute_scores, get_criterion
 from autoprune.data import DataSplits, Split, load_data
 from autoprune.equivalence import verify_channel_pruning
 from autoprune.models import build_model, checkpoint_hash, load_checkpoint, resolve_factory
+from autoprune.models.registry import uncompiled
 from autoprune.pruning import Ranking, prune_model
 from autoprune.reconstruct import reconstruct
 from autoprune.space import PruningSpace, SpaceError
@@ -345,6 +346,8 @@ def task_from_module(
     from autoprune.data.user import user_splits
 
     cfg = task_config(config, overrides)
+    if isinstance(model, nn.Module):
+        model = uncompiled(model)  # a torch.compile'd model: its module is what is pruned
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(
         update={"name": f"{type(model).__name__} (nn.Module)", "checkpoint": None})})  # fmt: skip
     if not isinstance(model, nn.Module):

@@ -322,3 +322,26 @@ def test_small_max_ratios_build_channel_tasks():
         task = task_from_module(_trained(), _data(128, 1), _data(32, 3),
                                 config={**CONFIG, "max_ratio": max_ratio})  # fmt: skip
         assert task.space.max_ratio == max_ratio
+
+
+def test_a_torch_compiled_model_is_pruned_as_its_module(tmp_path: Path):
+    """``torch.compile`` wraps the module (names gain ``_orig_mod.``, the tracer sees compiled
+    graphs and refused it as mis-traced): the task prunes the module inside, exactly as the
+    plain model (the wrapper is never called, so no compiler is needed)."""
+    from autoprune.policy import Policy
+
+    train, test = _data(256, 1), _data(96, 3)
+    plain = task_from_module(_trained(), train=train, test=test, config=CONFIG)
+    task = task_from_module(torch.compile(_trained()), train=train, test=test, config=CONFIG)
+    assert task.units == plain.units and type(task.model) is SmallNet
+    ratios = task.ratios_dict(np.full(len(task.units), 0.5))
+    policy = Policy.from_task(task, ratios)
+    pruned = apply_policy(task, policy, finetune_epochs=0, latency=False).model
+    expected = apply_policy(plain, Policy.from_task(plain, ratios), latency=False).model
+    x = test[0][:8]
+    assert pruned.c1.out_channels == 4 and pruned.c2.out_channels == 6
+    assert torch.allclose(pruned.eval()(x), expected.eval()(x), atol=1e-5)
+    loaded, _ = load_pruned(
+        save_pruned(tmp_path / "p.pt", task, pruned, policy), model=torch.compile(SmallNet())
+    )
+    assert torch.allclose(loaded.eval()(x), expected(x), atol=1e-5)

@@ -84,6 +84,16 @@ def build_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) ->
         raise ModelError(
             f"model {name!r}: the factory returned {type(model).__name__}, not an nn.Module"
         )
+    return uncompiled(model)
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper holds (the one that is traced, pruned and saved;
+    compile the pruned model again to run it compiled), or ``model`` itself. The wrapper's
+    graphs would otherwise stand between the tracer and the layers it must see."""
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
+        return uncompiled(inner)
     return model
 
 
