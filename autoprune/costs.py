@@ -5,7 +5,8 @@ NetAdapt's per-layer latency lookup table.
   the conv / linear layers count only their non-zero weights, which is how the design counts the
   FLOPs of fine-grained and N:M pruned models (masked with zeros, not physically smaller).
 * :func:`count_params` counts parameters, optionally without the zeros of pruned weights.
-* :func:`measure_latency` is the median wall time of a forward pass on CPU.
+* :func:`measure_latency` is the median wall time of a forward pass on CPU;
+  :func:`measure_latencies` times several models in the same interleaved rounds (for ratios).
 * :class:`LatencyTable` predicts the latency of a channel-pruned model without running it:
   NetAdapt (Yang et al., ECCV 2018, section 3.3) measures every layer once at a grid of
   (in, out) channel counts and sums per-layer lookups. The table is cached on disk because
@@ -25,7 +26,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -293,12 +294,36 @@ def measure_latency(
     flags afterwards, also on error. A model on another device is measured on a CPU copy.
     The median, not the mean, because one preempted run on a shared machine must not count.
     """
+    return measure_latencies([model], input_shape, batch_size, threads, warmup, repeats)[0]
+
+
+def measure_latencies(
+    models: Sequence[nn.Module],
+    input_shape: tuple[int, ...],
+    batch_size: int = 1,
+    threads: int | None = 1,
+    warmup: int = 10,
+    repeats: int = 50,
+) -> list[float]:
+    """Median wall seconds of one forward pass of each model, all timed in the same interleaved
+    rounds (each model once per round, see :func:`_round_robin`).
+
+    The way to compare models, e.g. a pruned model against its dense one: measured one after
+    the other, a machine whose speed changes in between (another process starts, a frequency
+    drop) puts the change into their ratio; interleaved, both see it alike. Same conditions as
+    :func:`measure_latency`; every model's shape is checked by one forward pass before any
+    timing.
+    """
     shape = _check_shape(input_shape)
     _check_positive(batch_size=batch_size, threads=threads, repeats=repeats)
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
-    with _num_threads(threads), _cpu_forward(model, shape, batch_size) as run:
-        return _round_robin([run], warmup, repeats)[0]
+    models = list(models)
+    if not models:
+        raise ValueError("measure_latencies needs at least one model")
+    with _num_threads(threads), ExitStack() as stack:
+        runs = [stack.enter_context(_cpu_forward(m, shape, batch_size)) for m in models]
+        return _round_robin(runs, warmup, repeats)
 
 
 # ----------------------------------------------------------------------------- latency table

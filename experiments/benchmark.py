@@ -34,6 +34,7 @@ MINUTES`` starts no new group once the run has lasted that long (the running one
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -52,7 +53,7 @@ from autoprune.agents import get_searcher
 
 from autoprune.budget import Budget
 from autoprune.config import ConfigError
-from autoprune.costs import measure_latency
+from autoprune.costs import measure_latencies
 from autoprune.experiment import (
     ExperimentConfig,
     Hooks,
@@ -61,7 +62,8 @@ from autoprune.experiment import (
     run_experiment,
 )
 from autoprune.sweep import mean_std, plot_frontier
-from autoprune.task import Task
+from autoprune.task import Task, build_task
+from autoprune.tracking import TrackingError, TrackingStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import code_revision  # this folder's module
@@ -75,6 +77,10 @@ PLAN_KEYS = {
 MODEL_KEYS = {"evaluations", "options", "seeds", "checkpoint"}
 MAIN_BUDGET = "flops=0.25"  # the default main budget (the plan's ``main_budget``)
 LATENCY_REPEATS = 20
+# How a group's latencies were timed (recorded with the group). Groups recorded without it timed
+# each pruned model as its search ended, while the other Ray worker still searched, and the dense
+# model alone before the searches: their ratios overstate the pruned models' latency.
+LATENCY_TIMING = "interleaved with the dense model after the group's searches"
 
 
 # ------------------------------------------------------------------ plan
@@ -339,8 +345,15 @@ def recorded_models(done: list[dict]) -> dict[str, dict]:
     return out
 
 
+def time_models(models: list[Any], input_shape: tuple[int, ...], batch: int) -> list[float]:
+    """Seconds per forward pass of each model (median of ``LATENCY_REPEATS`` interleaved rounds,
+    one thread)."""
+    return measure_latencies(models, input_shape, batch, threads=1, repeats=LATENCY_REPEATS)
+
+
 class BenchHooks(Hooks):
-    """Progress lines, and the latency of every pruned model (measured as each search ends)."""
+    """Progress lines; the best policy of every search, whose pruned model's latency
+    :meth:`measure_latencies` times once the group's searches are over."""
 
     def __init__(
         self, group: Group, index: int, total: int, start: float, recorded: dict | None = None
@@ -353,6 +366,7 @@ class BenchHooks(Hooks):
         self.dense_test_accuracy = float("nan")
         self.latency_batch = 1
         self.extra: dict[tuple[str, int], dict[str, Any]] = {}
+        self.policies: dict[tuple[str, int], dict[str, float]] = {}
         self._started = 0.0
         self._best = float("nan")
         self._count = 0
@@ -360,9 +374,6 @@ class BenchHooks(Hooks):
     def task_ready(self, task: Task) -> None:
         self.task = task
         self.latency_batch = task.config.eval.latency_batch_size
-        self.dense_latency_ms = 1e3 * measure_latency(
-            task.model, task.input_shape, self.latency_batch, repeats=LATENCY_REPEATS
-        )
         self.dense_test_accuracy = task.score(task.model, "test")[0]
         self.checkpoint = task.checkpoint_hash
         self._check_same_model()
@@ -411,13 +422,9 @@ class BenchHooks(Hooks):
         extra: dict[str, Any] = {"curve": [], "latency_ms": None, "latency_ratio": None}
         if outcome.result is not None:
             extra["curve"] = [None if np.isnan(v) else v for v in outcome.result.best_so_far()]
-        if outcome.policy is not None and self.task is not None:
-            model = self.task.prune(outcome.policy.ratios)
-            ms = 1e3 * measure_latency(
-                model, self.task.input_shape, self.latency_batch, repeats=LATENCY_REPEATS
-            )
-            extra["latency_ms"] = ms
-            extra["latency_ratio"] = ms / self.dense_latency_ms
+        if outcome.policy is not None:
+            ratios = {name: float(r) for name, r in outcome.policy.ratios.items()}
+            self.policies[(outcome.searcher, outcome.seed)] = extra["ratios"] = ratios
         extra["wall_seconds"] = time.perf_counter() - self._started
         self.extra[(outcome.searcher, outcome.seed)] = extra
         acc = outcome.metrics.get("test_accuracy")
@@ -425,6 +432,21 @@ class BenchHooks(Hooks):
             f"{outcome.searcher} seed {outcome.seed}: done in {extra['wall_seconds']:.0f} s, "
             f"test acc {'-' if acc is None else f'{100 * acc:.1f}%'}"
         )
+
+    def measure_latencies(self) -> None:
+        """Time every search's pruned model and the dense model in the same interleaved rounds,
+        with nothing else running (the searches are over): a model timed as its search ended
+        competed with the other worker's search, and the dense model, timed alone before, did
+        not."""
+        if self.task is None:
+            return
+        keys = list(self.policies)
+        self._say(f"timing the latency of {len(keys)} pruned models with the dense one")
+        models = [self.task.model, *(self.task.prune(self.policies[k]) for k in keys)]
+        ms = [1e3 * s for s in time_models(models, self.task.input_shape, self.latency_batch)]
+        self.dense_latency_ms = ms[0]
+        for key, value in zip(keys, ms[1:], strict=True):
+            self.extra[key].update(latency_ms=value, latency_ratio=value / ms[0])
 
     def _say(self, text: str) -> None:
         elapsed = (time.perf_counter() - self.start) / 60
@@ -446,6 +468,7 @@ def run_group(
     started = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     t0 = time.perf_counter()
     result = run_experiment(cfg, hooks=hooks)
+    hooks.measure_latencies()
     rows = []
     for outcome in result.outcomes:
         row = {
@@ -465,6 +488,7 @@ def run_group(
         "command": command,
         "seconds": time.perf_counter() - t0,
         "dense_latency_ms": hooks.dense_latency_ms,
+        "latency_timing": LATENCY_TIMING,
         "dense_test_accuracy": hooks.dense_test_accuracy,
         "checkpoint": hooks.checkpoint,
         "revision": revision,
@@ -639,6 +663,18 @@ def revisions_note(done: list[dict]) -> str:
     return " Code: " + "; ".join(f"{r} ({', '.join(gs)})" for r, gs in by.items()) + "."
 
 
+def latency_note(done: list[dict]) -> str:
+    """How the groups' latencies were timed, naming the groups timed the old way."""
+    old = [g["group"] for g in done if g.get("latency_timing") != LATENCY_TIMING]
+    text = f" Latencies are timed {LATENCY_TIMING}, nothing else running"
+    if not old:
+        return text + "."
+    return (text + f", except in {', '.join(old)}: there each pruned model was timed as its "
+            "search ended, beside the other worker's search, and the dense model alone before "
+            "the searches, so their latency ratios are too high (`--retime-latency` times them "
+            "again where the policies are recorded).")  # fmt: skip
+
+
 def missing_note(plan: Plan, done: list[dict]) -> list[str]:
     """A paragraph naming the plan's groups not recorded yet (none when the plan is complete)."""
     recorded = {g["group"] for g in done}
@@ -679,7 +715,8 @@ def write_report(
         "of each search, with adaptive BN only (no FT) and after the same fine-tune (FT); "
         "latency is measured (median of "
         f"{LATENCY_REPEATS}, batch {plan.task.get('eval', {}).get('latency_batch_size', 1)}, "
-        "1 thread) and given as a ratio to the dense model. Mean ± std over seeds.",
+        "1 thread) and given as a ratio to the dense model. Mean ± std over seeds."
+        + latency_note(done),
         "",
         f"## Main table: test accuracy % (no FT) at {main}",
         "",
@@ -790,6 +827,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--report-only", action="store_true",
                    help="rebuild the report from the groups in --out; run nothing")  # fmt: skip
+    p.add_argument("--retime-latency", action="store_true",
+                   help="time again, interleaved with the dense model, the latency of the "
+                        "recorded groups timed the old way (policies from the record or from "
+                        "MLflow); rewrite the record and the report; search nothing")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -828,6 +869,87 @@ def report_only(args: argparse.Namespace, plan: Plan) -> int:
     return 0
 
 
+def _group_policies(record: dict, store: Any) -> list[dict[str, float]]:
+    """The best policy's ratios of every row of a recorded group: from the row, or from the
+    search's MLflow run (``best_policy.json``). Raises TrackingError when a run lacks it."""
+    policies = []
+    for row in record["rows"]:
+        ratios = row.get("ratios")
+        if ratios is None:
+            policy, _ = store().best_policy(run_id=row["run_id"])
+            ratios = policy["ratios"]
+        policies.append({str(k): float(v) for k, v in ratios.items()})
+    return policies
+
+
+def _replace_records(log: Path, records: dict[str, dict]) -> None:
+    """Rewrite ``log`` with the last record of each named group replaced (atomically)."""
+    lines = log.read_text().splitlines()
+    last: dict[str, int] = {}
+    for i, line in enumerate(lines):
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(line)
+            if isinstance(record, dict) and record.get("group") in records:
+                last[record["group"]] = i
+    for key, i in last.items():
+        lines[i] = json.dumps(records[key])
+    tmp = log.with_name(log.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, log)
+
+
+def retime_latency(args: argparse.Namespace, plan: Plan) -> int:
+    """Time again the latency of the recorded groups that were timed beside running searches
+    (see ``LATENCY_TIMING``): each group's pruned models with the dense one, interleaved, with
+    nothing else running. Every group is written back as soon as it is timed."""
+    log = args.out / "benchmark_runs.jsonl"
+    done = recorded_groups(log, plan)
+    if not done:
+        print(f"error: no group of this plan is recorded in {log}", file=sys.stderr)
+        return 2
+    problem = ensure_data(plan)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    opened: list[TrackingStore] = []
+
+    def store() -> TrackingStore:
+        if not opened:
+            opened.append(TrackingStore(args.tracking_uri))
+        return opened[0]
+
+    groups = {g.key: g for g in plan.groups}
+    left = 0
+    for record in done:
+        key = record["group"]
+        if record.get("latency_timing") == LATENCY_TIMING:
+            print(f"{key}: already timed {LATENCY_TIMING}")
+            continue
+        try:
+            policies = _group_policies(record, store)
+        except TrackingError as err:
+            print(f"{key}: left as recorded, a policy is missing: {err}")
+            left += 1
+            continue
+        task = build_task(plan.config(groups[key], args.tracking_uri).task())
+        if record.get("checkpoint") not in (None, task.checkpoint_hash):
+            print(f"{key}: left as recorded, it was measured on checkpoint "
+                  f"{record['checkpoint']}, this machine has {task.checkpoint_hash}")  # fmt: skip
+            left += 1
+            continue
+        print(f"{key}: timing {len(policies)} pruned models with the dense one", flush=True)
+        models = [task.model, *(task.prune(p) for p in policies)]
+        batch = task.config.eval.latency_batch_size
+        ms = [1e3 * s for s in time_models(models, task.input_shape, batch)]
+        for row, ratios, value in zip(record["rows"], policies, ms[1:], strict=True):
+            row.update(ratios=ratios, latency_ms=value, latency_ratio=value / ms[0])
+        record.update(dense_latency_ms=ms[0], latency_timing=LATENCY_TIMING,
+                      latency_retimed=dt.datetime.now().strftime("%Y-%m-%d %H:%M"))  # fmt: skip
+        _replace_records(log, {key: record})
+    report_only(args, plan)
+    return 1 if left else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.stop_after is not None and not args.stop_after >= 0:
@@ -840,6 +962,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.report_only:
         return report_only(args, plan)
+    if args.retime_latency:
+        return retime_latency(args, plan)
     problem = ensure_data(plan)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)

@@ -10,6 +10,8 @@ import pytest
 import yaml
 from experiment_scripts import load
 
+from autoprune.tracking import TrackingStore
+
 bench = load("benchmark")
 
 SEARCHERS = ["ddpg", "evolution", "random", "netadapt", "sensitivity", "uniform", "global"]
@@ -109,7 +111,16 @@ def test_tiny_benchmark_tables_plots_runs_and_resume(tmp_path, monkeypatch, caps
         for r in g["rows"]:
             assert r["latency_ratio"] == pytest.approx(r["latency_ms"] / g["dense_latency_ms"])
 
+    # every search's best policy is recorded (the same as its MLflow run's) and its pruned
+    # model timed with the dense one after the searches
+    store = TrackingStore(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for g in groups:
+        assert g["latency_timing"] == bench.LATENCY_TIMING
+        for r in g["rows"]:
+            assert r["ratios"] == pytest.approx(store.best_policy(run_id=r["run_id"])[0]["ratios"])
+
     md = (out / "benchmark.md").read_text()
+    assert f"Latencies are timed {bench.LATENCY_TIMING}, nothing else running." in md
     assert "## resnet20" in md and "## Verdicts" in md
     assert "- resnet20/channel/flops=0.5: best `" in md and "capped at 3 batches" in md
     assert "| ddpg | -" not in md  # the main table has the main budget's numbers
@@ -127,6 +138,39 @@ def test_tiny_benchmark_tables_plots_runs_and_resume(tmp_path, monkeypatch, caps
     assert (out / "benchmark.md").is_file()
     assert "2 groups, 2 already done" in capsys.readouterr().out
     assert "Partial" not in (out / "benchmark.md").read_text()
+
+    # --retime-latency: a group recorded the old way (timed beside the searches, its policies
+    # only in MLflow) is timed again from its runs' policies; the other group is left alone
+    log = out / "benchmark_runs.jsonl"
+    first, second = (json.loads(line) for line in log.read_text().splitlines())
+    del first["latency_timing"]
+    for r in first["rows"]:
+        del r["ratios"]
+        r.update(latency_ms=1e6, latency_ratio=99.0)
+    log.write_text(json.dumps(first) + "\n" + json.dumps(second) + "\n")
+    assert bench.main(_args(tmp_path, plan, "--report-only")) == 0
+    assert "except in resnet20/channel/flops=0.5" in (out / "benchmark.md").read_text()
+    capsys.readouterr()
+    assert bench.main(_args(tmp_path, plan, "--retime-latency")) == 0
+    printed = capsys.readouterr().out
+    assert "resnet20/channel/flops=0.5: timing 10 pruned models with the dense one" in printed
+    assert "resnet20/fine/params=0.5: already timed" in printed
+    again, same = (json.loads(line) for line in log.read_text().splitlines())
+    assert same == second and again["latency_timing"] == bench.LATENCY_TIMING
+    for r in again["rows"]:
+        assert r["ratios"] == pytest.approx(store.best_policy(run_id=r["run_id"])[0]["ratios"])
+        assert 0 < r["latency_ms"] < 1e5
+        assert r["latency_ratio"] == pytest.approx(r["latency_ms"] / again["dense_latency_ms"])
+    assert "except in" not in (out / "benchmark.md").read_text()
+    assert len(_parents(tmp_path)) == 2  # nothing was searched
+    # a policy that is nowhere: the group stays as recorded, and the exit status says so
+    del again["latency_timing"]
+    del again["rows"][0]["ratios"]
+    again["rows"][0]["run_id"] = "0" * 32
+    log.write_text(json.dumps(again) + "\n" + json.dumps(second) + "\n")
+    assert bench.main(_args(tmp_path, plan, "--retime-latency")) == 1
+    assert "resnet20/channel/flops=0.5: left as recorded" in capsys.readouterr().out
+    assert json.loads(log.read_text().splitlines()[0]) == again
 
     # --report-only: a partial record, a partial report naming what is missing; nothing runs
     log = out / "benchmark_runs.jsonl"

@@ -13,7 +13,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from autoprune.costs import LatencyTable, count_params, measure_latency, measure_macs
+from autoprune.costs import (
+    LatencyTable,
+    count_params,
+    measure_latencies,
+    measure_latency,
+    measure_macs,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -183,6 +189,31 @@ def test_measure_latency_is_positive_and_restores_threads() -> None:
     assert isinstance(seconds, float) and seconds > 0
     assert torch.get_num_threads() == 2
     assert model.training
+
+
+class _Sleeper(nn.Module):
+    """A model whose forward pass takes at least ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.layer = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return self.layer(x)
+
+
+def test_measure_latencies_times_each_model_in_order() -> None:
+    slow, fast = _Sleeper(0.02), _Sleeper(0.0)
+    before = torch.get_num_threads()
+    times = measure_latencies([fast, slow, fast], (4,), batch_size=2, warmup=1, repeats=3)
+    assert len(times) == 3 and torch.get_num_threads() == before
+    assert times[1] >= 0.02 and times[0] < 0.02 and times[2] < 0.02
+    with pytest.raises(ValueError, match="at least one model"):
+        measure_latencies([], (4,))
+    with pytest.raises(ValueError, match="does not fit"):  # before any timing
+        measure_latencies([fast, nn.Linear(3, 2)], (4,), repeats=1)
 
 
 def test_measure_latency_restores_threads_on_error() -> None:

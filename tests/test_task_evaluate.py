@@ -122,6 +122,27 @@ def test_apply_iterative_and_save_load(default_task, tmp_path):
     assert loaded.ratios == policy.ratios
 
 
+def test_apply_times_the_pruned_and_dense_models_together(default_task, monkeypatch):
+    """The before / after latencies come from one interleaved timing of the dense model and the
+    returned pruned model (a machine whose speed drifts between two timings skews the ratio)."""
+    import autoprune.apply
+
+    vec = default_task.project(np.zeros(len(default_task.units)), ap.Budget.parse("flops=0.5"))
+    timed: list[list] = []
+    real = autoprune.apply.measure_latencies
+
+    def spy(models, *args, **kwargs):
+        timed.append(list(models))
+        return real(models, *args, **kwargs)
+
+    monkeypatch.setattr(autoprune.apply, "measure_latencies", spy)
+    result = ap.apply_policy(default_task, vec, latency=True)
+    assert len(timed) == 1
+    dense, pruned = timed[0]
+    assert dense is default_task.model and pruned is result.model
+    assert result.before["latency_ms"] > 0 and result.after["latency_ms"] > 0
+
+
 def test_apply_scores_the_test_split_once_per_model(default_task, monkeypatch):
     """The dense model is scored once per task, each applied policy once before and once after
     its fine-tune; the reported figures are those of independent passes over the test split."""
