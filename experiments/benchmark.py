@@ -345,6 +345,14 @@ def recorded_models(done: list[dict]) -> dict[str, dict]:
     return out
 
 
+def table_ratios(task: Task, budget: str, policies: list[dict[str, float]]) -> list[float | None]:
+    """The lookup table's latency ratio of each policy, for a latency budget (what the searches
+    had to meet; the measured ratio is beside it in the report); None for other budgets."""
+    if "latency" not in Budget.parse(budget).metrics:
+        return [None] * len(policies)
+    return [task.cost_ratios(task.ratio_vector(p), ("latency",))["latency"] for p in policies]
+
+
 def time_models(models: list[Any], input_shape: tuple[int, ...], batch: int) -> list[float]:
     """Seconds per forward pass of each model (median of ``LATENCY_REPEATS`` interleaved rounds,
     one thread)."""
@@ -444,9 +452,12 @@ class BenchHooks(Hooks):
         self._say(f"timing the latency of {len(keys)} pruned models with the dense one")
         models = [self.task.model, *(self.task.prune(self.policies[k]) for k in keys)]
         ms = [1e3 * s for s in time_models(models, self.task.input_shape, self.latency_batch)]
+        table = table_ratios(self.task, self.group.budget, [self.policies[k] for k in keys])
         self.dense_latency_ms = ms[0]
-        for key, value in zip(keys, ms[1:], strict=True):
-            self.extra[key].update(latency_ms=value, latency_ratio=value / ms[0])
+        for key, value, predicted in zip(keys, ms[1:], table, strict=True):
+            self.extra[key].update(
+                latency_ms=value, latency_ratio=value / ms[0], latency_table_ratio=predicted
+            )
 
     def _say(self, text: str) -> None:
         elapsed = (time.perf_counter() - self.start) / 60
@@ -528,6 +539,7 @@ COLUMNS = (
     ("params ratio", "params_ratio", 1, 3),
     ("latency ratio", "latency_ratio", 1, 3),
     ("latency ms", "latency_ms", 1, 2),
+    ("table latency ratio", "latency_table_ratio", 1, 3),
     ("evaluations", "evaluations", 1, 0),
     ("wall s", "wall_seconds", 1, 0),
 )
@@ -941,8 +953,11 @@ def retime_latency(args: argparse.Namespace, plan: Plan) -> int:
         models = [task.model, *(task.prune(p) for p in policies)]
         batch = task.config.eval.latency_batch_size
         ms = [1e3 * s for s in time_models(models, task.input_shape, batch)]
-        for row, ratios, value in zip(record["rows"], policies, ms[1:], strict=True):
-            row.update(ratios=ratios, latency_ms=value, latency_ratio=value / ms[0])
+        table = table_ratios(task, groups[key].budget, policies)
+        for row, ratios, value, predicted in zip(record["rows"], policies, ms[1:], table,
+                                                 strict=True):  # fmt: skip
+            row.update(ratios=ratios, latency_ms=value, latency_ratio=value / ms[0],
+                       latency_table_ratio=predicted)  # fmt: skip
         record.update(dense_latency_ms=ms[0], latency_timing=LATENCY_TIMING,
                       latency_retimed=dt.datetime.now().strftime("%Y-%m-%d %H:%M"))  # fmt: skip
         _replace_records(log, {key: record})

@@ -118,6 +118,7 @@ def test_tiny_benchmark_tables_plots_runs_and_resume(tmp_path, monkeypatch, caps
         assert g["latency_timing"] == bench.LATENCY_TIMING
         for r in g["rows"]:
             assert r["ratios"] == pytest.approx(store.best_policy(run_id=r["run_id"])[0]["ratios"])
+            assert r["latency_table_ratio"] is None  # FLOPs / params budgets: no table to ask
 
     md = (out / "benchmark.md").read_text()
     assert f"Latencies are timed {bench.LATENCY_TIMING}, nothing else running." in md
@@ -440,3 +441,20 @@ def test_the_report_names_the_code_revisions_of_its_groups():
     assert bench.revisions_note(two) == " Code: abc1234 (a, b); def5678+dirty (c)."
     older = [*one, {"group": "d"}]  # a record from before revisions were kept
     assert bench.revisions_note(older) == " Code: abc1234 (a, b); not recorded (d)."
+
+
+def test_table_latency_ratios_are_the_tables_prediction_for_the_pruned_models(default_task):
+    """The report's table latency ratio of a policy is what the lookup table predicts for the
+    model that policy prunes to (read from its layers), over the dense prediction; only for a
+    latency budget."""
+    import numpy as np
+
+    task = default_task
+    rng = np.random.default_rng(0)
+    policies = [task.ratios_dict(rng.uniform(0.0, 0.6, len(task.units))) for _ in range(2)]
+    got = bench.table_ratios(task, "latency=0.6", policies)
+    table = task.latency_table
+    for policy, ratio in zip(policies, got, strict=True):
+        expected = table.predict_model(task.prune(policy)) / table.predict({})
+        assert ratio == pytest.approx(expected, rel=1e-6) and ratio < 1.0
+    assert bench.table_ratios(task, "flops=0.5", policies) == [None, None]
