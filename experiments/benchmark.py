@@ -81,6 +81,7 @@ LATENCY_REPEATS = 20
 # each pruned model as its search ended, while the other Ray worker still searched, and the dense
 # model alone before the searches: their ratios overstate the pruned models' latency.
 LATENCY_TIMING = "interleaved with the dense model after the group's searches"
+LATENCY_TIMING_VERSION = 2  # recorded as ``latency_timing_version``; older groups lack it
 
 
 # ------------------------------------------------------------------ plan
@@ -353,6 +354,34 @@ def table_ratios(task: Task, budget: str, policies: list[dict[str, float]]) -> l
     return [task.cost_ratios(task.ratio_vector(p), ("latency",))["latency"] for p in policies]
 
 
+def time_group(
+    task: Task, budget: str, batch: int, policies: list[dict[str, float] | None]
+) -> tuple[float, list[dict[str, float | None]]]:
+    """The dense model's latency (ms) and, per policy, the latency of the model it prunes to,
+    its ratio to the dense one and the table's ratio (:func:`table_ratios`): all models timed in
+    the same interleaved rounds, with nothing else running (call it after the searches: a model
+    timed beside a running search competes with it for the cores). A None policy (a search
+    that found none) gets None values."""
+    found = [p for p in policies if p is not None]
+    models = [task.model, *(task.prune(p) for p in found)]
+    ms = [1e3 * s for s in time_models(models, task.input_shape, batch)]
+    table = iter(table_ratios(task, budget, found))
+    timed = iter(ms[1:])
+    out: list[dict[str, float | None]] = []
+    for policy in policies:
+        if policy is None:
+            out.append({"latency_ms": None, "latency_ratio": None, "latency_table_ratio": None})
+        else:
+            value = next(timed)
+            out.append({"latency_ms": value, "latency_ratio": value / ms[0],
+                        "latency_table_ratio": next(table)})  # fmt: skip
+    return ms[0], out
+
+
+def _ratios(policy: Any) -> dict[str, float] | None:
+    return None if policy is None else {str(k): float(v) for k, v in policy.ratios.items()}
+
+
 def time_models(models: list[Any], input_shape: tuple[int, ...], batch: int) -> list[float]:
     """Seconds per forward pass of each model (median of ``LATENCY_REPEATS`` interleaved rounds,
     one thread)."""
@@ -360,8 +389,7 @@ def time_models(models: list[Any], input_shape: tuple[int, ...], batch: int) -> 
 
 
 class BenchHooks(Hooks):
-    """Progress lines; the best policy of every search, whose pruned model's latency
-    :meth:`measure_latencies` times once the group's searches are over."""
+    """Progress lines, the dense model's test accuracy and checkpoint, each search's curve."""
 
     def __init__(
         self, group: Group, index: int, total: int, start: float, recorded: dict | None = None
@@ -370,18 +398,14 @@ class BenchHooks(Hooks):
         self.recorded = recorded  # the model's earlier group, when resuming
         self.checkpoint: str | None = None
         self.task: Task | None = None
-        self.dense_latency_ms = float("nan")
         self.dense_test_accuracy = float("nan")
-        self.latency_batch = 1
         self.extra: dict[tuple[str, int], dict[str, Any]] = {}
-        self.policies: dict[tuple[str, int], dict[str, float]] = {}
         self._started = 0.0
         self._best = float("nan")
         self._count = 0
 
     def task_ready(self, task: Task) -> None:
         self.task = task
-        self.latency_batch = task.config.eval.latency_batch_size
         self.dense_test_accuracy = task.score(task.model, "test")[0]
         self.checkpoint = task.checkpoint_hash
         self._check_same_model()
@@ -416,7 +440,7 @@ class BenchHooks(Hooks):
     def search_started(self, searcher: str, seed: int, total: int | None, done: int) -> None:
         self._started = time.perf_counter()
         self._best, self._count = float("nan"), 0
-        self._say(f"{searcher} seed {seed}: started ({total or 'own'} evaluations)")
+        self.say(f"{searcher} seed {seed}: started ({total or 'own'} evaluations)")
 
     def evaluation(self, record: Any, result: Any) -> None:
         self._count += 1
@@ -424,42 +448,21 @@ class BenchHooks(Hooks):
             self._best = result.best.accuracy
         if self._count % 25 == 0:
             best = "-" if np.isnan(self._best) else f"{100 * self._best:.1f}%"
-            self._say(f"  {self._count} evaluations, best so far {best}")
+            self.say(f"  {self._count} evaluations, best so far {best}")
 
     def search_finished(self, outcome: Outcome) -> None:
-        extra: dict[str, Any] = {"curve": [], "latency_ms": None, "latency_ratio": None}
+        extra: dict[str, Any] = {"curve": []}
         if outcome.result is not None:
             extra["curve"] = [None if np.isnan(v) else v for v in outcome.result.best_so_far()]
-        if outcome.policy is not None:
-            ratios = {name: float(r) for name, r in outcome.policy.ratios.items()}
-            self.policies[(outcome.searcher, outcome.seed)] = extra["ratios"] = ratios
         extra["wall_seconds"] = time.perf_counter() - self._started
         self.extra[(outcome.searcher, outcome.seed)] = extra
         acc = outcome.metrics.get("test_accuracy")
-        self._say(
+        self.say(
             f"{outcome.searcher} seed {outcome.seed}: done in {extra['wall_seconds']:.0f} s, "
             f"test acc {'-' if acc is None else f'{100 * acc:.1f}%'}"
         )
 
-    def measure_latencies(self) -> None:
-        """Time every search's pruned model and the dense model in the same interleaved rounds,
-        with nothing else running (the searches are over): a model timed as its search ended
-        competed with the other worker's search, and the dense model, timed alone before, did
-        not."""
-        if self.task is None:
-            return
-        keys = list(self.policies)
-        self._say(f"timing the latency of {len(keys)} pruned models with the dense one")
-        models = [self.task.model, *(self.task.prune(self.policies[k]) for k in keys)]
-        ms = [1e3 * s for s in time_models(models, self.task.input_shape, self.latency_batch)]
-        table = table_ratios(self.task, self.group.budget, [self.policies[k] for k in keys])
-        self.dense_latency_ms = ms[0]
-        for key, value, predicted in zip(keys, ms[1:], table, strict=True):
-            self.extra[key].update(
-                latency_ms=value, latency_ratio=value / ms[0], latency_table_ratio=predicted
-            )
-
-    def _say(self, text: str) -> None:
+    def say(self, text: str) -> None:
         elapsed = (time.perf_counter() - self.start) / 60
         print(
             f"[{elapsed:5.1f} min] group {self.index}/{self.total} {self.group.key}: {text}",
@@ -479,9 +482,15 @@ def run_group(
     started = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     t0 = time.perf_counter()
     result = run_experiment(cfg, hooks=hooks)
-    hooks.measure_latencies()
+    policies = [_ratios(o.policy) for o in result.outcomes]
+    if hooks.task is None:  # run_experiment always announces its task; never here
+        raise RuntimeError(f"{group.key}: the experiment ran without a task")
+    hooks.say(f"timing the latency of {sum(p is not None for p in policies)} pruned models "
+              "with the dense one")  # fmt: skip
+    batch = hooks.task.config.eval.latency_batch_size
+    dense_ms, timed = time_group(hooks.task, group.budget, batch, policies)
     rows = []
-    for outcome in result.outcomes:
+    for outcome, ratios, timing in zip(result.outcomes, policies, timed, strict=True):
         row = {
             "group": group.key,
             "model": group.model,
@@ -489,6 +498,8 @@ def run_group(
             "budget": group.budget,
             **outcome.row(),
             **hooks.extra.get((outcome.searcher, outcome.seed), {}),
+            "ratios": ratios,
+            **timing,
             "deterministic": outcome.searcher in plan.deterministic,
         }
         rows.append(row)
@@ -498,8 +509,10 @@ def run_group(
         "started": started,
         "command": command,
         "seconds": time.perf_counter() - t0,
-        "dense_latency_ms": hooks.dense_latency_ms,
+        "dense_latency_ms": dense_ms,
         "latency_timing": LATENCY_TIMING,
+        "latency_timing_version": LATENCY_TIMING_VERSION,
+        "latency_batch": batch,
         "dense_test_accuracy": hooks.dense_test_accuracy,
         "checkpoint": hooks.checkpoint,
         "revision": revision,
@@ -675,9 +688,13 @@ def revisions_note(done: list[dict]) -> str:
     return " Code: " + "; ".join(f"{r} ({', '.join(gs)})" for r, gs in by.items()) + "."
 
 
+def _timed_now(record: dict) -> bool:
+    return bool(record.get("latency_timing_version") == LATENCY_TIMING_VERSION)
+
+
 def latency_note(done: list[dict]) -> str:
     """How the groups' latencies were timed, naming the groups timed the old way."""
-    old = [g["group"] for g in done if g.get("latency_timing") != LATENCY_TIMING]
+    old = [g["group"] for g in done if not _timed_now(g)]
     text = f" Latencies are timed {LATENCY_TIMING}, nothing else running"
     if not old:
         return text + "."
@@ -881,16 +898,19 @@ def report_only(args: argparse.Namespace, plan: Plan) -> int:
     return 0
 
 
-def _group_policies(record: dict, store: Any) -> list[dict[str, float]]:
+def _group_policies(record: dict, store: Any) -> list[dict[str, float] | None]:
     """The best policy's ratios of every row of a recorded group: from the row, or from the
-    search's MLflow run (``best_policy.json``). Raises TrackingError when a run lacks it."""
-    policies = []
+    search's MLflow run (``best_policy.json``); None for a search that found no policy (its row
+    has no latency). Raises TrackingError when a run lacks the policy it should have."""
+    policies: list[dict[str, float] | None] = []
     for row in record["rows"]:
-        ratios = row.get("ratios")
-        if ratios is None:
-            policy, _ = store().best_policy(run_id=row["run_id"])
-            ratios = policy["ratios"]
-        policies.append({str(k): float(v) for k, v in ratios.items()})
+        if "ratios" in row:
+            ratios = row["ratios"]
+        elif row.get("latency_ms") is None:  # recorded the old way, without a policy
+            ratios = None
+        else:
+            ratios = store().best_policy(run_id=row["run_id"])[0]["ratios"]
+        policies.append(None if ratios is None else {str(k): float(v) for k, v in ratios.items()})
     return policies
 
 
@@ -908,6 +928,28 @@ def _replace_records(log: Path, records: dict[str, dict]) -> None:
     tmp = log.with_name(log.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, log)
+
+
+def _retime_group(
+    record: dict, group: Group, plan: Plan, tracking_uri: str | None, store: Any
+) -> None:
+    """Time one recorded group again (:func:`time_group`) and update ``record`` in place."""
+    policies = _group_policies(record, store)
+    task = build_task(plan.config(group, tracking_uri).task())
+    # A channel-pruned model's latency follows its channel counts, which the policy and the
+    # architecture fix; still, a record made on other weights is another model's.
+    if record.get("checkpoint") not in (None, task.checkpoint_hash):
+        raise ValueError(f"it was measured on checkpoint {record['checkpoint']}, this machine's "
+                         f"{group.model} is {task.checkpoint_hash}")  # fmt: skip
+    batch = int(record.get("latency_batch", task.config.eval.latency_batch_size))
+    count = sum(p is not None for p in policies)
+    print(f"{group.key}: timing {count} pruned models with the dense one", flush=True)
+    dense_ms, timed = time_group(task, group.budget, batch, policies)
+    for row, ratios, timing in zip(record["rows"], policies, timed, strict=True):
+        row.update(ratios=ratios, **timing)
+    record.update(dense_latency_ms=dense_ms, latency_timing=LATENCY_TIMING,
+                  latency_timing_version=LATENCY_TIMING_VERSION, latency_batch=batch,
+                  latency_retimed=dt.datetime.now().strftime("%Y-%m-%d %H:%M"))  # fmt: skip
 
 
 def retime_latency(args: argparse.Namespace, plan: Plan) -> int:
@@ -934,32 +976,15 @@ def retime_latency(args: argparse.Namespace, plan: Plan) -> int:
     left = 0
     for record in done:
         key = record["group"]
-        if record.get("latency_timing") == LATENCY_TIMING:
+        if _timed_now(record):
             print(f"{key}: already timed {LATENCY_TIMING}")
             continue
         try:
-            policies = _group_policies(record, store)
-        except TrackingError as err:
-            print(f"{key}: left as recorded, a policy is missing: {err}")
+            _retime_group(record, groups[key], plan, args.tracking_uri, store)
+        except (TrackingError, ValueError, OSError) as err:  # config, model, data, policy
+            print(f"{key}: left as recorded: {err}")
             left += 1
             continue
-        task = build_task(plan.config(groups[key], args.tracking_uri).task())
-        if record.get("checkpoint") not in (None, task.checkpoint_hash):
-            print(f"{key}: left as recorded, it was measured on checkpoint "
-                  f"{record['checkpoint']}, this machine has {task.checkpoint_hash}")  # fmt: skip
-            left += 1
-            continue
-        print(f"{key}: timing {len(policies)} pruned models with the dense one", flush=True)
-        models = [task.model, *(task.prune(p) for p in policies)]
-        batch = task.config.eval.latency_batch_size
-        ms = [1e3 * s for s in time_models(models, task.input_shape, batch)]
-        table = table_ratios(task, groups[key].budget, policies)
-        for row, ratios, value, predicted in zip(record["rows"], policies, ms[1:], table,
-                                                 strict=True):  # fmt: skip
-            row.update(ratios=ratios, latency_ms=value, latency_ratio=value / ms[0],
-                       latency_table_ratio=predicted)  # fmt: skip
-        record.update(dense_latency_ms=ms[0], latency_timing=LATENCY_TIMING,
-                      latency_retimed=dt.datetime.now().strftime("%Y-%m-%d %H:%M"))  # fmt: skip
         _replace_records(log, {key: record})
     report_only(args, plan)
     return 1 if left else 0

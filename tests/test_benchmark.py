@@ -72,6 +72,21 @@ def test_tiny_benchmark_tables_plots_runs_and_resume(tmp_path, monkeypatch, caps
         return real_fine_tune(*args, **kwargs)
 
     monkeypatch.setattr(autoprune.apply, "fine_tune", fine_tune)
+    timings: list[tuple[list, int]] = []  # (models, searches finished so far) per timing
+    real_time_models = bench.time_models
+    finished = {"n": 0}
+    real_finished = bench.BenchHooks.search_finished
+
+    def counting_finished(self, outcome):
+        finished["n"] += 1
+        return real_finished(self, outcome)
+
+    def spy(models, *args, **kwargs):
+        timings.append((list(models), finished["n"]))
+        return real_time_models(models, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "time_models", spy)
+    monkeypatch.setattr(bench.BenchHooks, "search_finished", counting_finished)
     plan = _write(tmp_path, PLAN)
     out = tmp_path / "out"
     out.mkdir()
@@ -115,10 +130,20 @@ def test_tiny_benchmark_tables_plots_runs_and_resume(tmp_path, monkeypatch, caps
     # model timed with the dense one after the searches
     store = TrackingStore(f"sqlite:///{tmp_path / 'mlflow.db'}")
     for g in groups:
-        assert g["latency_timing"] == bench.LATENCY_TIMING
+        assert g["latency_timing_version"] == bench.LATENCY_TIMING_VERSION
+        assert g["latency_batch"] == 8
         for r in g["rows"]:
             assert r["ratios"] == pytest.approx(store.best_policy(run_id=r["run_id"])[0]["ratios"])
             assert r["latency_table_ratio"] is None  # FLOPs / params budgets: no table to ask
+
+    # one timing per group, after all its searches, the dense model first, then one pruned model
+    # per search (none kept the dense model: the budget cuts)
+    assert [(len(models), done) for models, done in timings] == [(11, 10), (3, 12)]
+    def size(model):
+        return sum(p.numel() for p in model.parameters())
+
+    channel_models = timings[0][0]  # the channel group's pruned models are smaller
+    assert all(size(m) < size(channel_models[0]) for m in channel_models[1:])
 
     md = (out / "benchmark.md").read_text()
     assert f"Latencies are timed {bench.LATENCY_TIMING}, nothing else running." in md
@@ -144,34 +169,39 @@ def test_tiny_benchmark_tables_plots_runs_and_resume(tmp_path, monkeypatch, caps
     # only in MLflow) is timed again from its runs' policies; the other group is left alone
     log = out / "benchmark_runs.jsonl"
     first, second = (json.loads(line) for line in log.read_text().splitlines())
-    del first["latency_timing"]
+    for field in ("latency_timing", "latency_timing_version", "latency_batch"):
+        del first[field]
     for r in first["rows"]:
-        del r["ratios"]
+        del r["ratios"], r["latency_table_ratio"]
         r.update(latency_ms=1e6, latency_ratio=99.0)
+    first["rows"][-1]["latency_ms"] = None  # a search that found no policy (no latency)
     log.write_text(json.dumps(first) + "\n" + json.dumps(second) + "\n")
     assert bench.main(_args(tmp_path, plan, "--report-only")) == 0
     assert "except in resnet20/channel/flops=0.5" in (out / "benchmark.md").read_text()
     capsys.readouterr()
     assert bench.main(_args(tmp_path, plan, "--retime-latency")) == 0
     printed = capsys.readouterr().out
-    assert "resnet20/channel/flops=0.5: timing 10 pruned models with the dense one" in printed
+    assert "resnet20/channel/flops=0.5: timing 9 pruned models with the dense one" in printed
     assert "resnet20/fine/params=0.5: already timed" in printed
     again, same = (json.loads(line) for line in log.read_text().splitlines())
-    assert same == second and again["latency_timing"] == bench.LATENCY_TIMING
-    for r in again["rows"]:
+    assert same == second and again["latency_timing_version"] == bench.LATENCY_TIMING_VERSION
+    assert again["latency_batch"] == 8
+    for r in again["rows"][:-1]:
         assert r["ratios"] == pytest.approx(store.best_policy(run_id=r["run_id"])[0]["ratios"])
-        assert 0 < r["latency_ms"] < 1e5
+        assert 0 < r["latency_ms"] < 1e5 and r["latency_table_ratio"] is None
         assert r["latency_ratio"] == pytest.approx(r["latency_ms"] / again["dense_latency_ms"])
+    last = again["rows"][-1]
+    assert last["ratios"] is None and last["latency_ms"] is None and last["latency_ratio"] is None
     assert "except in" not in (out / "benchmark.md").read_text()
     assert len(_parents(tmp_path)) == 2  # nothing was searched
     # a policy that is nowhere: the group stays as recorded, and the exit status says so
-    del again["latency_timing"]
+    del again["latency_timing_version"]
     del again["rows"][0]["ratios"]
     again["rows"][0]["run_id"] = "0" * 32
     log.write_text(json.dumps(again) + "\n" + json.dumps(second) + "\n")
     assert bench.main(_args(tmp_path, plan, "--retime-latency")) == 1
     assert "resnet20/channel/flops=0.5: left as recorded" in capsys.readouterr().out
-    assert json.loads(log.read_text().splitlines()[0]) == again
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [again, second]
 
     # --report-only: a partial record, a partial report naming what is missing; nothing runs
     log = out / "benchmark_runs.jsonl"
