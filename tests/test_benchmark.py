@@ -139,6 +139,7 @@ def test_tiny_benchmark_tables_plots_runs_and_resume(tmp_path, monkeypatch, caps
     # one timing per group, after all its searches, the dense model first, then one pruned model
     # per search (none kept the dense model: the budget cuts)
     assert [(len(models), done) for models, done in timings] == [(11, 10), (3, 12)]
+
     def size(model):
         return sum(p.numel() for p in model.parameters())
 
