@@ -79,7 +79,7 @@ MAIN_BUDGET = "flops=0.25"  # the default main budget (the plan's ``main_budget`
 LATENCY_REPEATS = 20
 # How a group's latencies were timed (recorded with the group). Groups recorded without it timed
 # each pruned model as its search ended, while the other Ray worker still searched, and the dense
-# model alone before the searches: their ratios overstate the pruned models' latency.
+# model alone before the searches: their ratios are noisy (off by up to 0.05 either way).
 LATENCY_TIMING = "interleaved with the dense model after the group's searches"
 LATENCY_TIMING_VERSION = 2  # recorded as ``latency_timing_version``; older groups lack it
 
@@ -700,8 +700,9 @@ def latency_note(done: list[dict]) -> str:
         return text + "."
     return (text + f", except in {', '.join(old)}: there each pruned model was timed as its "
             "search ended, beside the other worker's search, and the dense model alone before "
-            "the searches, so their latency ratios are too high (`--retime-latency` times them "
-            "again where the policies are recorded).")  # fmt: skip
+            "the searches, so their latency ratios are noisy (off by up to 0.05 either way in "
+            "the groups timed again; `--retime-latency` times them again where the policies "
+            "are recorded).")  # fmt: skip
 
 
 def missing_note(plan: Plan, done: list[dict]) -> list[str]:
