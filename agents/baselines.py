@@ -222,22 +222,25 @@ def _cheapest_step(
     vec: np.ndarray,
     costs: Mapping[str, float],
 ) -> tuple[int, float] | None:
-    """The (unit, next grid ratio) with the smallest predicted drop per cost saved."""
+    """The (unit, next grid ratio that saves cost) with the smallest predicted drop per cost
+    saved. A grid step that saves nothing (both ratios round to the same channel count or N:M
+    pattern: 0.4 and 0.6 are both 2:4) is passed over for the next one, so a unit is never stuck
+    below the levels that would meet the budget."""
     best: tuple[float, float, int] | None = None
     ratio_of: dict[int, float] = {}
     for i in range(len(vec)):
-        above = [r for r in result.grid if r > vec[i] + _TOL]
-        if not above:
-            continue
-        trial = vec.copy()
-        trial[i] = above[0]
-        saved = unmet_saving(budget, costs, cost_fn(trial))
-        if saved <= 0:
-            continue
-        extra = max(0.0, predicted_drop(result, i, above[0]) - predicted_drop(result, i, vec[i]))
+        for ratio in (r for r in result.grid if r > vec[i] + _TOL):
+            trial = vec.copy()
+            trial[i] = ratio
+            saved = unmet_saving(budget, costs, cost_fn(trial))
+            if saved > 0:
+                break
+        else:
+            continue  # the top of the grid, or no step of this unit saves anything
+        extra = max(0.0, predicted_drop(result, i, ratio) - predicted_drop(result, i, vec[i]))
         key = (extra / saved, -saved, i)  # ties: the bigger saving, then network order
         if best is None or key < best:
-            best, ratio_of[i] = key, above[0]
+            best, ratio_of[i] = key, ratio
     return None if best is None else (best[2], ratio_of[best[2]])
 
 

@@ -117,6 +117,30 @@ def test_sensitivity_allocates_to_the_insensitive_unit_first(default_task: Task)
     assert np.flatnonzero(vec).tolist() == [units.index("layer3.0.conv2")]
 
 
+def test_sensitivity_passes_over_grid_steps_that_save_nothing() -> None:
+    """N:M-like quantised costs (4-weight patterns: ratios 0.4 and 0.6 are both 2:4) and a part
+    no unit can prune: with every unit at 2:4 the budget is still missed, so the least sensitive
+    unit must go on to 1:4 (0.8), past the 0.6 step that saves nothing. A stuck allocation would
+    leave the budget unmet for a projection that moves every unit to 1:4."""
+    units, grid = ["a", "b", "c"], [0.2, 0.4, 0.6, 0.8]
+    sizes, fixed = np.array([100.0, 100.0, 100.0]), 30.0
+
+    def level(r: np.ndarray) -> np.ndarray:
+        return np.minimum(np.rint(np.asarray(r) * 4) / 4, 0.75)
+
+    def costs(vec: np.ndarray) -> dict[str, float]:
+        kept = fixed + float((sizes * (1 - level(vec))).sum())
+        return {"params": kept / (fixed + sizes.sum()), "flops": 1.0}
+
+    acc = np.array([[0.9, 0.89, 0.89, 0.5], [0.9, 0.89, 0.89, 0.8], [0.9, 0.89, 0.89, 0.6]])
+    scan = SensitivityResult(units, grid, acc, acc.copy(), np.ones_like(acc), dense_accuracy=0.9)
+    budget = ap.Budget.parse("params=0.5")
+    vec = allocate(scan, budget, costs, 0.8)
+    assert budget.met_by(costs(vec))
+    assert level(vec).tolist() == [0.5, 0.75, 0.5]  # only b, the least hurt at 1:4, goes on
+    assert costs(vec)["params"] > costs(np.full(3, 0.8))["params"] + 0.1  # not every unit 1:4
+
+
 def test_netadapt_full_run_carries_weights(default_task: Task) -> None:
     searcher = NetAdaptSearcher(default_task, BUDGET, seed=0, r0=0.1, finetune_batches=2)
     result = searcher.run()
