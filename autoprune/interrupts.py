@@ -1,4 +1,4 @@
-"""Ctrl-C held back while a record is being written.
+"""Ctrl-C (and SIGTERM) held back while a record is being written.
 
 Python delivers SIGINT as a ``KeyboardInterrupt`` between any two bytecodes. Inside the standard
 library's file handling that can break more than the write: ``shutil.rmtree`` (which cleans up
@@ -10,8 +10,10 @@ instead of its resume hint.
 
 :func:`held` (a context manager and a decorator) defers SIGINT for the few milliseconds a
 journal line, an MLflow batch or an artifact takes to write, then delivers it as the handler
-that was installed would have. A search stays interruptible everywhere else (inside a long
-evaluation or fine-tune), and what was being recorded is recorded whole.
+that was installed would have. SIGTERM (a service stopping its process group, a scheduler ending
+a job) is held the same way: its handler raises ``SystemExit`` just as abruptly. A search stays
+interruptible everywhere else (inside a long evaluation or fine-tune), and what was being
+recorded is recorded whole.
 """
 
 from __future__ import annotations
@@ -26,38 +28,48 @@ from typing import Any
 _state = threading.local()
 
 
+HELD: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and a stop of the process (group)
+
+
 @contextmanager
 def held() -> Iterator[None]:
-    """Hold SIGINT until the block (or decorated call: a contextlib context manager is also a
-    decorator, a fresh hold per call) ends, then deliver it."""
+    """Hold SIGINT and SIGTERM until the block (or decorated call: a contextlib context manager
+    is also a decorator, a fresh hold per call) ends, then deliver them."""
     if threading.current_thread() is not threading.main_thread() or getattr(
         _state, "active", False
     ):
         yield  # signals reach the main thread only; nested blocks share the outer hold
         return
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is signal.SIG_IGN or previous is None:  # ignored, or not set from Python
+    previous: dict[int, Any] = {}
+    for signum in HELD:
+        handler = signal.getsignal(signum)
+        if handler is not signal.SIG_IGN and handler is not None:  # ignored, or not from Python
+            previous[signum] = handler
+    if not previous:
         yield
         return
     pending: list[int] = []
 
     def hold(signum: int, frame: Any) -> None:
-        pending.append(signum)
+        if signum not in pending:
+            pending.append(signum)
 
-    signal.signal(signal.SIGINT, hold)
+    for signum in previous:
+        signal.signal(signum, hold)
     _state.active = True
     try:
         yield
     finally:
         _state.active = False
-        signal.signal(signal.SIGINT, previous)
-        if pending:
-            _deliver(previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in pending:  # in the order they came; the first that raises ends it
+            _deliver(signum, previous[signum])
 
 
-def _deliver(handler: Any) -> None:
-    """Act on a held SIGINT as ``handler`` would have when it arrived."""
+def _deliver(signum: int, handler: Any) -> None:
+    """Act on a held signal as ``handler`` would have when it arrived."""
     if callable(handler):
-        handler(signal.SIGINT, None)  # default_int_handler raises KeyboardInterrupt
+        handler(signum, None)  # default_int_handler raises KeyboardInterrupt
     elif handler == signal.SIG_DFL:
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signum)

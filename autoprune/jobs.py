@@ -8,8 +8,10 @@ import multiprocessing
 import os
 import queue
 import signal
+import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -19,11 +21,13 @@ from autoprune.agents import get_searcher
 from autoprune.experiment import (
     ExperimentConfig,
     Hooks,
+    Journal,
     _evaluations_for,
+    _recover,
     run_experiment,
     seeds_for,
 )
-from autoprune.tracking import Tracker
+from autoprune.tracking import Tracker, TrackingError
 
 if TYPE_CHECKING:
     from autoprune.service import Settings
@@ -87,19 +91,35 @@ class _PipeHooks(Hooks):
         self.conn.send(("progress", self.done, self.best, self.cost))
 
 
-def _interrupt(_signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt
+_STOPS: list[tuple[int, float]] = []  # the signals that asked this launch to stop, and when
+REPEAT_GRACE_S = 20.0  # a repeated stop inside this time is the same stop: the unwind goes on
 
 
-def _terminate(_signum: int, _frame: Any) -> None:
-    raise SystemExit(143)
+def _stop(signum: int, exc: BaseException) -> None:
+    """Raise ``exc`` for the first stop signal. A stopping service sends SIGINT to its launch,
+    which often has the process group's SIGTERM already: raising again would cut short the
+    unwind that records the search (a second exception inside the first one's handler). A
+    signal that comes later than the grace stops a launch whose unwind hangs."""
+    now = time.monotonic()
+    repeat = bool(_STOPS) and now - _STOPS[0][1] < REPEAT_GRACE_S
+    _STOPS.append((signum, now))
+    if not repeat:
+        raise exc
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    _stop(signum, KeyboardInterrupt())
+
+
+def _terminate(signum: int, _frame: Any) -> None:
+    _stop(signum, SystemExit(143))
 
 
 def _job_process(config: dict[str, Any], run_id: str, conn: Any) -> None:
     """One launch in its own process (its own interpreter, so the service's HTTP work and the
     search never wait on each other's GIL); SIGINT stops it the way Ctrl-C stops the CLI."""
     # A service started as a background job (nohup, &) passes SIGINT on ignored; cancel needs it.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, _interrupt)
     # SIGTERM (the service's process group stopped) unwinds like a shutdown, so the tracker
     # flushes what was recorded; not only when Ray happens to have installed its own handler.
     signal.signal(signal.SIGTERM, _terminate)
@@ -112,6 +132,11 @@ def _job_process(config: dict[str, Any], run_id: str, conn: Any) -> None:
         with contextlib.suppress(OSError):
             conn.send(("stopped", None))
     except Exception as exc:  # reported to the service, which marks the launch failed
+        if _STOPS:  # asked to stop, and the unwind broke something (a Ray worker stopped with
+            traceback.print_exc()  # the same process group): still a stop; the log says what
+            with contextlib.suppress(OSError):
+                conn.send(("stopped", None))
+            return
         conn.send(("failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:500]))
     else:
         conn.send(("finished", None))
@@ -221,8 +246,9 @@ class JobManager:
             else:
                 outcome = message
         proc.join(30)
-        if outcome is None and self.closing:
-            outcome = ("stopped", None)  # killed with the service: resumable
+        stopped_by_signal = proc.exitcode in (-signal.SIGTERM, -signal.SIGINT, 143, 130)
+        if outcome is None and (self.closing or job.stop is not None or stopped_by_signal):
+            outcome = ("stopped", None)  # stopped or killed with the service: resumable
         if outcome is None:
             outcome = ("failed", f"the search process died (exit code {proc.exitcode})")
         if outcome[0] == "finished":
@@ -241,12 +267,24 @@ class JobManager:
 
     def close_runs(self, run_id: str, status: str) -> None:
         """End a launch's MLflow runs that its process left ``RUNNING`` (killed, or stopped
-        before it could end them): its searches, then the launch itself."""
+        before it could end them): its searches, then the launch itself. Evaluations a search
+        journaled but did not get into MLflow before it stopped are uploaded first, so that its
+        status counts everything it did (a resume would recover them the same way)."""
         for child in self.tracker.child_runs(run_id):
+            if child["status"] != "FINISHED":
+                self._upload_journal(child["run_id"])
             if child["status"] == "RUNNING":
                 self.tracker.client.set_terminated(child["run_id"], status)
         if self.tracker.get_run(run_id).info.status == "RUNNING":
             self.tracker.client.set_terminated(run_id, status)
+
+    def _upload_journal(self, run_id: str) -> None:
+        """The launch process's local journal (in this service's working folder, which launches
+        share) into MLflow: what is missing there only."""
+        try:
+            _recover(self.tracker, Journal(run_id), run_id)
+        except (TrackingError, OSError) as exc:  # the run stays as MLflow has it; resume retries
+            print(f"autoprune: journal of run {run_id} not uploaded: {exc}", file=sys.stderr)
 
     def _set_state(self, job: Job, state: str) -> None:
         # The record first: a status read between the two (job no longer live, tag not yet

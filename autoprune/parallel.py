@@ -22,7 +22,9 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import signal
 import socket
+import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections import deque
@@ -216,6 +218,13 @@ def init_ray(workers: int, address: str | None = None) -> None:
         return
     if address and address != "auto":
         _check_reachable(address)  # Ray itself retries an unreachable address for minutes
+    # ray.init replaces the driver's SIGTERM handler with a plain sys.exit; a handler the
+    # process installed itself (a service's launch records that it was asked to stop) is kept.
+    own = None
+    if threading.current_thread() is threading.main_thread():
+        handler = signal.getsignal(signal.SIGTERM)
+        if callable(handler):
+            own = handler
     try:
         if address:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
@@ -232,6 +241,9 @@ def init_ray(workers: int, address: str | None = None) -> None:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ParallelError(f"cannot start or reach {where}: {first}") from None
+    finally:
+        if own is not None:
+            signal.signal(signal.SIGTERM, own)
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:

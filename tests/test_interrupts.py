@@ -117,3 +117,30 @@ def test_ctrl_c_during_a_flush_lets_the_flush_finish() -> None:
         log(record(2), result)
     assert client.calls == ["text history/000001-000002.jsonl", "batch 10"]  # 5 metrics x 2
     assert log._rows == []  # flushed once: a later close does not log them again
+
+
+def test_sigterm_is_held_too_and_both_arrive_in_order() -> None:
+    """A stop of the process group (SIGTERM, whose handler raises SystemExit) waits for the
+    write like Ctrl-C; with both pending, each handler runs in the order they came."""
+    seen: list[int] = []
+
+    def terminate(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        raise SystemExit(143)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    steps = []
+    try:
+        with pytest.raises(SystemExit), held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            steps.append("written")
+        assert steps == ["written"] and seen == [signal.SIGTERM]
+        signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+        with pytest.raises(SystemExit), held():
+            ctrl_c()
+            os.kill(os.getpid(), signal.SIGTERM)
+            steps.append("written again")
+        assert seen == [signal.SIGTERM, signal.SIGINT, signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is terminate  # restored
+    finally:
+        signal.signal(signal.SIGTERM, previous)

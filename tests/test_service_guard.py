@@ -269,6 +269,178 @@ def test_resumed_launches_use_the_service_ray_and_leave_no_run_running(tmp_path,
     assert ran.search.ray_address == "127.0.0.1:6390"
 
 
+class _SilentContext(_FakeContext):
+    """A launch process that dies without a word, with the given exit code."""
+
+    def __init__(self, exitcode: int) -> None:
+        super().__init__([])
+        self.exitcode = exitcode
+
+    def Process(self, target, args, name):
+        args[2].close()  # says nothing: the pipe just ends
+        exitcode = self.exitcode
+
+        class Dead:
+            pid = None
+
+            def __init__(self) -> None:
+                self.exitcode = exitcode
+
+            def start(self) -> None: ...
+
+            def is_alive(self) -> bool:
+                return False
+
+            def join(self, timeout: float | None = None) -> None: ...
+
+        return Dead()
+
+
+def _silent_outcome(tmp_path, monkeypatch, exitcode: int) -> tuple[str, str]:
+    import multiprocessing
+
+    from autoprune.experiment import experiment_config
+    from autoprune.tracking import Tracker
+
+    monkeypatch.setattr(multiprocessing, "get_context", lambda _kind: _SilentContext(exitcode))
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow-{exitcode}.db", "service")
+    settings = Settings(tracking_uri=tracker.uri, state_dir=tmp_path / "state")
+    jobs = JobManager(settings, tracker, start=False)
+    job = jobs.submit(experiment_config({"search": {"searchers": ["random"]}}), "search")
+    jobs._run(job, resume=True)
+    return job.state, tracker.get_run(job.id).info.status
+
+
+def test_a_launch_killed_by_sigterm_is_interrupted_not_failed(tmp_path, monkeypatch):
+    """The service's process group stopped (its launch gets the SIGTERM too, maybe before the
+    service notices it is closing): resumable, never a failed search."""
+    import signal
+
+    assert _silent_outcome(tmp_path, monkeypatch, -signal.SIGTERM) == ("interrupted", "KILLED")
+    assert _silent_outcome(tmp_path, monkeypatch, 143) == ("interrupted", "KILLED")
+    assert _silent_outcome(tmp_path, monkeypatch, 1) == ("failed", "FAILED")  # a real crash
+
+
+def test_a_stopped_launch_gets_its_journaled_evaluations_into_mlflow(tmp_path, monkeypatch):
+    """A launch stopped before its logger flushed: what its journal holds (written at every
+    evaluation) is uploaded when the service ends its runs, so its status counts it."""
+    import multiprocessing
+    import signal
+
+    from autoprune.agents.base import Record
+
+    from autoprune.experiment import Journal, experiment_config
+    from autoprune.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)  # launches share the service's working folder
+    monkeypatch.setattr(
+        multiprocessing, "get_context", lambda _kind: _SilentContext(-signal.SIGTERM)
+    )
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "service")
+    settings = Settings(tracking_uri=tracker.uri, state_dir=tmp_path / "state")
+    jobs = JobManager(settings, tracker, start=False)
+    job = jobs.submit(experiment_config({"search": {"searchers": ["random"]}}), "search")
+    child = tracker.client.create_run(
+        tracker.experiment_id, tags={"mlflow.parentRunId": job.id, "autoprune.kind": "search",
+                                     "autoprune.searcher": "random", "autoprune.seed": "0"}
+    ).info.run_id  # fmt: skip
+    tracker.log_rows(child, [Record(1, {"conv1": 0.1}, 0.8, 0.1, 0.9, 0.9, None, False, 0.1, 1.0)
+                             .to_dict()])  # fmt: skip
+    journal = Journal(child)
+    for i in (1, 2, 3):  # the first also reached MLflow, the other two only the journal
+        journal.append(Record(i, {"conv1": 0.1 * i}, 0.8, 0.1, 0.9, 0.9, None, False, 0.1, 1.0))
+    jobs._run(job, resume=True)
+    assert job.state == "interrupted"
+    assert [int(r["index"]) for r in tracker.history(child)] == [1, 2, 3]  # none twice
+    assert tracker.client.get_run(child).info.status == "KILLED"
+
+
+def test_a_stop_signal_whose_unwind_breaks_is_still_a_stop(monkeypatch):
+    """SIGTERM arrives, and what runs while the launch unwinds raises (an interrupted artifact
+    cleanup, a Ray worker gone with the same process group): the launch reports a stop."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    from autoprune import jobs as jobs_module
+    from autoprune.experiment import experiment_config
+
+    def broken_unwind(cfg, resume, hooks):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # the handler raises SystemExit here
+        finally:
+            raise OSError(9, "Bad file descriptor")
+
+    def crash(cfg, resume, hooks):
+        raise OSError(9, "Bad file descriptor")
+
+    config = experiment_config({"search": {"searchers": ["random"]}}).model_dump(mode="json")
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    outcomes = []
+    try:
+        for run in (broken_unwind, crash):
+            monkeypatch.setattr(jobs_module, "run_experiment", run)
+            monkeypatch.setattr(jobs_module, "_STOPS", [])
+            receiver, sender = multiprocessing.Pipe(duplex=False)
+            started = time.monotonic()
+            jobs_module._job_process(config, "run", sender)
+            assert time.monotonic() - started < 5  # SystemExit cut the sleep short
+            outcomes.append(receiver.recv())
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    assert outcomes == [("stopped", None), ("failed", "OSError: [Errno 9] Bad file descriptor")]
+
+
+def test_a_repeated_stop_signal_does_not_cut_the_unwind_short(monkeypatch):
+    """The process group's SIGTERM, then the stopping service's SIGINT: one stop. A stop signal
+    after the grace (an unwind that hangs) still raises."""
+    import signal
+
+    from autoprune import jobs as jobs_module
+
+    monkeypatch.setattr(jobs_module, "_STOPS", [])
+    with pytest.raises(SystemExit):
+        jobs_module._terminate(signal.SIGTERM, None)
+    jobs_module._interrupt(signal.SIGINT, None)  # inside the grace: recorded, not raised
+    assert [signum for signum, _ in jobs_module._STOPS] == [signal.SIGTERM, signal.SIGINT]
+    monkeypatch.setattr(jobs_module, "REPEAT_GRACE_S", 0.0)
+    with pytest.raises(KeyboardInterrupt):
+        jobs_module._interrupt(signal.SIGINT, None)
+
+
+def test_joining_ray_keeps_the_process_own_sigterm_handler(monkeypatch):
+    """ray.init installs a plain sys.exit for SIGTERM; a launch's own handler (which records the
+    stop) must survive it, while a process without one gets Ray's."""
+    import signal
+
+    import ray
+
+    from autoprune.parallel import init_ray
+
+    def rays_handler(signum, frame):  # what ray.init installs
+        raise SystemExit(signum)
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: signal.signal(signal.SIGTERM, rays_handler))
+
+    def own(signum, frame):
+        raise SystemExit(143)
+
+    previous = signal.signal(signal.SIGTERM, own)
+    try:
+        init_ray(1)
+        assert signal.getsignal(signal.SIGTERM) is own
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        init_ray(1)
+        assert signal.getsignal(signal.SIGTERM) is rays_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux /proc")
 def test_processes_a_killed_service_left_are_stopped_on_the_next_start(tmp_path):
     import subprocess
