@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from autoprune.budget import Budget
 from autoprune.costs import count_params, measure_latencies, measure_latency, measure_macs
 from autoprune.criteria import CriterionContext, compute_scores
 from autoprune.models import ModelError, build_model, state_dict_mismatch
@@ -41,6 +42,30 @@ class ApplyResult:
     after: dict[str, float]
     pruned_no_finetune: dict[str, float]
     steps: list[dict[str, Any]] = field(default_factory=list)
+    latency_batch: int | None = None  # batch size of the latency measurements (None: not timed)
+
+    def measured_ratios(self) -> dict[str, float]:
+        """Pruned / dense of what was measured on the final model: ``flops`` (MACs), ``params``
+        and, when timed, ``latency``."""
+        keys = {"flops": "macs", "params": "params", "latency": "latency_ms"}
+        return {
+            metric: self.after[key] / self.before[key]
+            for metric, key in keys.items()
+            if key in self.after and self.before.get(key)
+        }
+
+    def budget_check(self, budget: Budget | Mapping[str, float]) -> dict[str, dict[str, Any]]:
+        """Each limit of a search budget against the measured ratio: ``limit``, ``measured``
+        and ``met`` (both None for a metric not measured, e.g. latency with latency=False). A
+        latency budget is searched against a lookup table; this is where it meets the clock."""
+        measured = self.measured_ratios()
+        limits = budget.limits if isinstance(budget, Budget) else budget
+        out: dict[str, dict[str, Any]] = {}
+        for metric, limit in limits.items():
+            value = measured.get(metric)
+            met = None if value is None else bool(value <= float(limit) + 1e-9)
+            out[metric] = {"limit": float(limit), "measured": value, "met": met}
+        return out
 
 
 def model_metrics(task: Task, model: nn.Module, latency: bool = True) -> dict[str, float]:
@@ -145,11 +170,15 @@ def apply_policy(
             acc = after["test_accuracy"]
         history.append({"step": k + 1, "mean_ratio": float(np.mean(target)), "test_accuracy": acc})
         say(f"step {k + 1}/{steps}: test accuracy {acc:.4f}")
-    if latency:  # timed together, so a machine whose speed drifts does not skew their ratio
-        dense_s, pruned_s = measure_latencies([task.model, model], task.input_shape, repeats=30)
+    batch = cfg.eval.latency_batch_size if latency else None
+    if batch is not None:  # timed together, so a machine whose speed drifts does not skew their
+        # ratio; at the batch size of the task's latency budget and lookup table
+        dense_s, pruned_s = measure_latencies(
+            [task.model, model], task.input_shape, batch_size=batch, repeats=30
+        )
         before = {**before, "latency_ms": 1e3 * dense_s}
         after["latency_ms"] = 1e3 * pruned_s
-    return ApplyResult(model, before, after, pruned_metrics, history)
+    return ApplyResult(model, before, after, pruned_metrics, history, latency_batch=batch)
 
 
 PRUNED_FORMAT = 1

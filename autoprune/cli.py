@@ -238,7 +238,8 @@ def _apply_and_report(
     table.add_column(tuned, justify="right")
     table.add_column("pruned / dense", justify="right")
     names = {"test_accuracy": "test accuracy", "test_loss": "test loss", "macs": "MACs",
-             "params": "params", "latency_ms": "latency (ms, batch 1, 1 thread)"}  # fmt: skip
+             "params": "params",
+             "latency_ms": f"latency (ms, batch {result.latency_batch}, 1 thread)"}  # fmt: skip
     for key, label in names.items():
         if key not in result.before:
             continue
@@ -252,9 +253,33 @@ def _apply_and_report(
     console.print(table)
     if task.config.granularity != "channel":
         console.print("MACs and params of masked models count only non-zero weights.")
+    for line in budget_lines(result, policy):
+        console.print(line)
     console.print(f"pruned model: {save_pruned(out, task, result.model, policy)}")
     if policy_path is not None:
         console.print(f"policy: {policy_path}")
+
+
+def budget_lines(result: Any, policy: Any) -> list[str]:
+    """The search budget against what was measured on the pruned model, one line per limit."""
+    lines = []
+    names = {"flops": "FLOPs (MACs)", "params": "params", "latency": "latency"}
+    for metric, check in result.budget_check(policy.budget).items():
+        if check["measured"] is None:
+            continue
+        verdict = "met" if check["met"] else "[bold red]NOT met[/]"
+        line = (f"budget {names.get(metric, metric)} <= {check['limit']:g}: measured "
+                f"{check['measured']:.3f} of the dense model, {verdict}")  # fmt: skip
+        predicted = policy.metrics.get(f"{metric}_ratio")
+        if metric == "latency" and predicted is not None:
+            line += f" (the lookup table predicted {float(predicted):.3f})"
+            if not check["met"]:
+                line += (
+                    "; timings vary with the machine and its load: search again with a margin, "
+                    f"e.g. latency={max(0.05, check['limit'] - 0.05):g}"
+                )
+        lines.append(line)
+    return lines
 
 
 @app.command()

@@ -141,6 +141,44 @@ def test_apply_times_the_pruned_and_dense_models_together(default_task, monkeypa
     dense, pruned = timed[0]
     assert dense is default_task.model and pruned is result.model
     assert result.before["latency_ms"] > 0 and result.after["latency_ms"] > 0
+    assert result.latency_batch == default_task.config.eval.latency_batch_size
+
+
+def test_apply_checks_the_budget_against_measured_costs(default_task, monkeypatch):
+    """The search budget against the final model's measured costs: MACs and params counted on
+    the pruned model itself, latency as timed (here a made-up timing that misses the limit), at
+    the batch size of the task's latency budget."""
+    import autoprune.apply
+    from autoprune.cli import budget_lines
+    from autoprune.costs import count_params, measure_macs
+
+    vec = default_task.project(np.zeros(len(default_task.units)), ap.Budget.parse("flops=0.5"))
+    batches: list[int] = []
+
+    def clock(models, shape, batch_size=1, **kwargs):
+        batches.append(batch_size)
+        return [0.010, 0.0065]  # dense, pruned: 0.65 of the dense latency
+
+    monkeypatch.setattr(autoprune.apply, "measure_latencies", clock)
+    cfg = default_task.config.model_copy(deep=True)
+    cfg.eval.latency_batch_size = 8
+    monkeypatch.setattr(default_task, "config", cfg)
+    result = ap.apply_policy(default_task, vec, latency=True)
+    assert batches == [8] and result.latency_batch == 8
+    shape = default_task.input_shape
+    macs = measure_macs(result.model, shape) / measure_macs(default_task.model, shape)
+    params = count_params(result.model) / count_params(default_task.model)
+    check = result.budget_check({"flops": 0.5, "params": params - 0.01, "latency": 0.6})
+    assert check["flops"]["measured"] == pytest.approx(macs) and check["flops"]["met"]
+    assert check["params"]["measured"] == pytest.approx(params) and not check["params"]["met"]
+    assert check["latency"] == {"limit": 0.6, "measured": pytest.approx(0.65), "met": False}
+    policy = ap.Policy.from_task(default_task, vec, {"latency_ratio": 0.598}, {"latency": 0.6})
+    [line] = budget_lines(result, policy)
+    assert "0.650" in line and "NOT met" in line and "predicted 0.598" in line
+    assert "latency=0.55" in line
+    assert result.budget_check(ap.Budget.parse("flops=0.5")) == {"flops": check["flops"]}
+    untimed = ap.apply_policy(default_task, vec, latency=False)
+    assert untimed.budget_check({"latency": 0.6})["latency"]["met"] is None
 
 
 def test_apply_scores_the_test_split_once_per_model(default_task, monkeypatch):
