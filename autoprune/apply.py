@@ -63,7 +63,7 @@ class ApplyResult:
         out: dict[str, dict[str, Any]] = {}
         for metric, limit in limits.items():
             value = measured.get(metric)
-            met = None if value is None else bool(value <= float(limit) + 1e-9)
+            met = None if value is None else bool(value <= float(limit) * (1 + 1e-6) + 1e-9)
             out[metric] = {"limit": float(limit), "measured": value, "met": met}
         return out
 

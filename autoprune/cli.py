@@ -276,7 +276,7 @@ def budget_lines(result: Any, policy: Any) -> list[str]:
             if not check["met"]:
                 line += (
                     "; timings vary with the machine and its load: search again with a margin, "
-                    f"e.g. latency={max(0.05, check['limit'] - 0.05):g}"
+                    f"e.g. latency={max(check['limit'] - 0.05, check['limit'] / 2):g}"
                 )
         lines.append(line)
     return lines

@@ -63,8 +63,18 @@ def held() -> Iterator[None]:
         _state.active = False
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        for signum in pending:  # in the order they came; the first that raises ends it
-            _deliver(signum, previous[signum])
+        _deliver_all(pending, previous)
+
+
+def _deliver_all(pending: list[int], handlers: dict[int, Any]) -> None:
+    """Deliver held signals in the order they came, each even when an earlier one's handler
+    raised (the last exception raised is the one that propagates)."""
+    if not pending:
+        return
+    try:
+        _deliver(pending[0], handlers[pending[0]])
+    finally:
+        _deliver_all(pending[1:], handlers)
 
 
 def _deliver(signum: int, handler: Any) -> None:

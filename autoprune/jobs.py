@@ -27,7 +27,7 @@ from autoprune.experiment import (
     run_experiment,
     seeds_for,
 )
-from autoprune.tracking import Tracker, TrackingError
+from autoprune.tracking import Tracker
 
 if TYPE_CHECKING:
     from autoprune.service import Settings
@@ -228,11 +228,16 @@ class JobManager:
         proc.start()
         sender.close()
         outcome: tuple[Any, ...] | None = None
-        signalled = False
+        signalled: float | None = None
         while outcome is None:
-            if job.stop is not None and not signalled and proc.pid is not None:
-                os.kill(proc.pid, signal.SIGINT)
-                signalled = True
+            # A stop is signalled once, and again after the grace in which the launch treats
+            # a repeat as the same stop: one sent before its handler was installed (a launch
+            # still starting up with SIGINT ignored) is not lost.
+            resend = signalled is not None and time.monotonic() - signalled > REPEAT_GRACE_S + 1
+            if job.stop is not None and (signalled is None or resend) and proc.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGINT)
+                signalled = time.monotonic()
             try:
                 if not receiver.poll(0.2):
                     if not proc.is_alive() and not receiver.poll(0):
@@ -246,7 +251,7 @@ class JobManager:
             else:
                 outcome = message
         proc.join(30)
-        stopped_by_signal = proc.exitcode in (-signal.SIGTERM, -signal.SIGINT, 143, 130)
+        stopped_by_signal = proc.exitcode in (-signal.SIGTERM, -signal.SIGINT, 143)
         if outcome is None and (self.closing or job.stop is not None or stopped_by_signal):
             outcome = ("stopped", None)  # stopped or killed with the service: resumable
         if outcome is None:
@@ -283,8 +288,9 @@ class JobManager:
         share) into MLflow: what is missing there only."""
         try:
             _recover(self.tracker, Journal(run_id), run_id)
-        except (TrackingError, OSError) as exc:  # the run stays as MLflow has it; resume retries
-            print(f"autoprune: journal of run {run_id} not uploaded: {exc}", file=sys.stderr)
+        except Exception as exc:  # best effort (a resume retries it): a bad row or an MLflow
+            # error must neither end a worker thread nor stop the service from starting
+            print(f"autoprune: journal of run {run_id} not uploaded: {exc!r}", file=sys.stderr)
 
     def _set_state(self, job: Job, state: str) -> None:
         # The record first: a status read between the two (job no longer live, tag not yet

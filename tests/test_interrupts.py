@@ -144,3 +144,33 @@ def test_sigterm_is_held_too_and_both_arrive_in_order() -> None:
         assert signal.getsignal(signal.SIGTERM) is terminate  # restored
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_every_held_signal_is_delivered_in_arrival_order_even_after_one_raises() -> None:
+    """SIGTERM then SIGINT: delivered in that order (not a fixed one); when both handlers raise,
+    the second still runs and its exception is the one that propagates."""
+    seen: list[int] = []
+    previous_term = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        with held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            ctrl_c()
+        assert seen == [signal.SIGTERM, signal.SIGINT]
+
+        def raising(exc: BaseException) -> Any:
+            def handler(signum: int, frame: Any) -> None:
+                seen.append(signum)
+                raise exc
+
+            return handler
+
+        seen.clear()
+        signal.signal(signal.SIGTERM, raising(SystemExit(143)))
+        signal.signal(signal.SIGINT, raising(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt), held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            ctrl_c()
+        assert seen == [signal.SIGTERM, signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)

@@ -355,6 +355,67 @@ def test_a_stopped_launch_gets_its_journaled_evaluations_into_mlflow(tmp_path, m
     assert tracker.client.get_run(child).info.status == "KILLED"
 
 
+def test_a_cancel_the_launch_missed_is_signalled_again_after_the_grace(tmp_path, monkeypatch):
+    """A launch still starting up (SIGINT not yet handled) misses the first SIGINT of a cancel:
+    the service signals it again once the repeat grace is over, and the cancel lands."""
+    import multiprocessing
+    import signal
+    import time
+
+    from autoprune import jobs as jobs_module
+    from autoprune.experiment import experiment_config
+    from autoprune.tracking import Tracker
+
+    kills: list[int] = []
+
+    class Starting(_FakeContext):
+        def Pipe(self, duplex: bool = False):
+            receiver, sender = multiprocessing.Pipe(duplex=duplex)
+
+            class Held:  # the launch's end of the pipe, which the service closes on its side
+                def send(self, message) -> None:
+                    sender.send(message)
+
+                def close(self) -> None: ...
+
+            return receiver, Held()
+
+        def Process(self, target, args, name):
+            sender = args[2]
+
+            class Proc:
+                pid = 424242
+                exitcode = 0
+                started = time.monotonic()
+
+                def start(self) -> None: ...
+
+                def is_alive(self) -> bool:  # gone after 15 s: a service that never signals
+                    return time.monotonic() - self.started < 15  # again fails, not hangs
+
+                def join(self, timeout: float | None = None) -> None: ...
+
+            def kill(pid: int, signum: int) -> None:
+                assert pid == Proc.pid
+                kills.append(signum)
+                if len(kills) == 2:  # the first was lost; the second stops it
+                    sender.send(("stopped", None))
+
+            monkeypatch.setattr(jobs_module.os, "kill", kill)
+            return Proc()
+
+    monkeypatch.setattr(multiprocessing, "get_context", lambda _kind: Starting([]))
+    monkeypatch.setattr(jobs_module, "REPEAT_GRACE_S", 0.0)
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "service")
+    settings = Settings(tracking_uri=tracker.uri, state_dir=tmp_path / "state")
+    jobs = JobManager(settings, tracker, start=False)
+    job = jobs.submit(experiment_config({"search": {"searchers": ["random"]}}), "search")
+    job.stop = "cancel"
+    jobs._run(job, resume=True)
+    assert kills == [signal.SIGINT, signal.SIGINT]
+    assert job.state == "cancelled"
+
+
 def test_a_stop_signal_whose_unwind_breaks_is_still_a_stop(monkeypatch):
     """SIGTERM arrives, and what runs while the launch unwinds raises (an interrupted artifact
     cleanup, a Ray worker gone with the same process group): the launch reports a stop."""
