@@ -124,22 +124,21 @@ def _job_process(config: dict[str, Any], run_id: str, conn: Any) -> None:
     # flushes what was recorded; not only when Ray happens to have installed its own handler.
     signal.signal(signal.SIGTERM, _terminate)
     torch.set_num_threads(1)
+    outcome: tuple[str, str | None] = ("finished", None)
     try:
         run_experiment(
             ExperimentConfig.model_validate(config), resume=run_id, hooks=_PipeHooks(conn)
         )
     except (KeyboardInterrupt, SystemExit):  # cancel, shutdown, or SIGTERM (Ray's handler)
-        with contextlib.suppress(OSError):
-            conn.send(("stopped", None))
+        outcome = ("stopped", None)
     except Exception as exc:  # reported to the service, which marks the launch failed
         if _STOPS:  # asked to stop, and the unwind broke something (a Ray worker stopped with
             traceback.print_exc()  # the same process group): still a stop; the log says what
-            with contextlib.suppress(OSError):
-                conn.send(("stopped", None))
-            return
-        conn.send(("failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:500]))
-    else:
-        conn.send(("finished", None))
+            outcome = ("stopped", None)
+        else:
+            outcome = ("failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+    with contextlib.suppress(OSError):  # the service gone: it reads the exit as it can
+        conn.send(outcome)
 
 
 class JobManager:
