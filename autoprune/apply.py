@@ -120,6 +120,29 @@ def _prune_step(task: Task, model: nn.Module, target: np.ndarray) -> nn.Module:
     return prune_model(model, space, ranking, _relative(space, task, target), persistent=True)
 
 
+LATENCY_CHECK_REPEATS = 20  # interleaved rounds per timing of :func:`latency_ratios`
+
+
+def latency_ratios(
+    task: Task, policies: list[np.ndarray], repeats: int = LATENCY_CHECK_REPEATS
+) -> list[float]:
+    """Measured latency of each policy's pruned model over the dense model's, on this machine.
+
+    Timed like the task's latency table and budget (CPU, one thread, ``eval.latency_batch_size``
+    samples per forward pass) and interleaved with the dense model in the same rounds (see
+    :func:`autoprune.costs.measure_latencies`), so a machine whose speed drifts skews no ratio.
+    The models are cut without reconstruction or fine-tuning: channel counts set the latency.
+    """
+    if not policies:
+        return []
+    models = [task.prune(v, light=True, reconstruct_layers=False) for v in policies]
+    seconds = measure_latencies(
+        [task.model, *models], task.input_shape,
+        batch_size=task.config.eval.latency_batch_size, threads=1, repeats=repeats,
+    )  # fmt: skip
+    return [s / seconds[0] for s in seconds[1:]]
+
+
 def apply_policy(
     task: Task,
     policy: Policy | Mapping[str, float] | np.ndarray,

@@ -452,8 +452,8 @@ def _comparison_table(rows: list[dict[str, Any]], title: str) -> Table:
         ("searcher", "searcher"), ("seed", "seed"), ("status", "status"),
         ("search acc", "best_search_accuracy"), ("policy acc, no FT", "policy_accuracy"),
         ("test acc, no FT", "test_accuracy"), ("test acc, FT", "test_accuracy_finetuned"),
-        ("FLOPs", "flops_ratio"), ("params", "params_ratio"), ("evals", "evaluations"),
-        ("seconds", "seconds"),
+        ("FLOPs", "flops_ratio"), ("params", "params_ratio"),
+        ("latency (clock)", "latency_ratio"), ("evals", "evaluations"), ("seconds", "seconds"),
     ]  # fmt: skip
     shown = [(h, k) for h, k in columns if any(r.get(k) is not None for r in rows)]
     for header, _ in shown:
@@ -466,6 +466,11 @@ def _comparison_table(rows: list[dict[str, Any]], title: str) -> Table:
         "best on the search split (NetAdapt's includes its fine-tunes); policy acc: that policy "
         "judged like any other; test acc: the held-out test split"
     )
+    if any(r.get("latency_ratio") is not None for r in rows):
+        caption += (
+            "; latency (clock): the policy's latency over the dense model's, timed on this "
+            "machine after the search (search.latency_check)"
+        )
     table.caption = caption
     return table
 

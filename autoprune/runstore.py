@@ -364,6 +364,7 @@ def recorded_comparison(tracker_uri: str | None, experiment: str) -> list[dict[s
                 "policy_accuracy": m.get("policy_accuracy"),
                 "test_accuracy": m.get("test_accuracy"),
                 "flops_ratio": m.get("best_flops_ratio"),
+                "latency_ratio": m.get("best_latency_measured"),
                 "evaluations": m.get("evaluations"),
                 "seconds": m.get("search_seconds"),
                 "run_id": run["run_id"],
