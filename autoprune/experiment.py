@@ -398,7 +398,8 @@ def check_latency_on_clock(
 
     Returns None where there is nothing to check (no latency limit, ``count`` 0, no policy);
     else ``limit``, ``measured`` and ``table`` (latency ratios of the returned policy), ``met``,
-    ``replaced``, ``timed`` (policies timed) and ``searched_measured`` (the search's own best).
+    ``replaced``, ``timed`` (policies timed), ``searched_measured`` and ``searched_table`` (the
+    search's own best).
     """
     limit = budget.limits.get("latency")
     best = result.best
@@ -442,7 +443,7 @@ def check_latency_on_clock(
     summary = {
         "limit": float(limit), "measured": float(measured), "table": table(chosen),
         "met": bool(met), "replaced": chosen is not best, "timed": len(timed),
-        "searched_measured": float(first),
+        "searched_measured": float(first), "searched_table": table(best),
     }  # fmt: skip
     result.info["latency_check"] = summary
     return summary
