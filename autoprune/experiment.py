@@ -39,7 +39,7 @@ from autoprune.agents.registry import options_model
 from autoprune.apply import apply_policy, latency_ratios
 from autoprune.budget import Budget
 from autoprune.config import ConfigError, TaskConfig, _Strict, validated
-from autoprune.evaluate import Evaluation
+from autoprune.evaluate import Evaluation, Evaluator
 from autoprune.interrupts import held
 from autoprune.parallel import Backend, make_backend
 from autoprune.policy import Policy
@@ -55,7 +55,7 @@ JOURNAL_DIR = Path(".autoprune") / "journal"
 log = logging.getLogger(__name__)
 
 DEFAULT_EVALUATIONS = 300  # ddpg / random when search.evaluations is not given
-LATENCY_CHECK = 4  # policies a latency search times on the clock (search.latency_check)
+LATENCY_CHECK = 4  # timings of a latency search's policy on the clock (search.latency_check)
 
 
 class SearchConfig(_Strict):
@@ -95,9 +95,10 @@ class SearchConfig(_Strict):
         default=LATENCY_CHECK,
         ge=0,
         description=(
-            "Latency budgets are searched against a lookup table: after each search, time up "
-            "to this many of its most accurate policies on this machine and return the most "
-            "accurate one that meets the budget on the clock (0: trust the table)."
+            "Latency budgets are searched against a lookup table: after each search, time its "
+            "policy on this machine and, when it misses the limit, prune it further to the "
+            "table limit the timing says meets it; at most this many timings (0: trust the "
+            "table)."
         ),
     )
 
@@ -384,17 +385,20 @@ def check_latency_on_clock(
     budget: Budget,
     count: int,
     timer: LatencyTimer | None = None,
+    evaluate: Callable[[np.ndarray], Evaluation] | None = None,
 ) -> dict[str, Any] | None:
-    """Check a latency search's result on this machine's clock, and replace it when it misses.
+    """Check a latency search's result on this machine's clock, and repair it when it misses.
 
     Searches meet a latency budget by a lookup table of per-layer latencies, whose prediction
-    can be off either way for a whole model (measured on ResNet-56 about 0.035 over the table at
-    0.6, on VGG-11 up to 0.15 under it). The search's best policy is timed first; if it meets
-    the limit it stays. Otherwise its measured / table ratio estimates the table's error for
-    this model, and the ``count - 1`` most accurate other policies of the search's history
-    (within the budget, fully evaluated) whose table latency times that error meets the limit
-    are timed together; the most accurate of them that meets the limit on the clock becomes
-    ``result.best``. When none does, the best stays, and the returned summary says it misses.
+    for a whole pruned model can be off either way (``experiments/results/latency_check.md``).
+    The search's best policy is timed first (``timer``: against the dense model, interleaved);
+    if it meets the limit it stays. Otherwise the best policy is projected again (more pruning,
+    every unit the same fraction of the way to its maximum, as searches project) onto a tighter
+    table limit, the one the last timing says measures at the limit (table limit x limit /
+    measured), and timed; up to ``count`` timings in all. The first projection that meets the
+    limit on the clock is evaluated like any policy (``evaluate``, default a fresh
+    :class:`~autoprune.evaluate.Evaluator`) and becomes ``result.best``. When none does, or the
+    tighter limit is out of reach, the best stays and the summary says it misses.
 
     Returns None where there is nothing to check (no latency limit, ``count`` 0, no policy);
     else ``limit``, ``measured`` and ``table`` (latency ratios of the returned policy), ``met``,
@@ -405,45 +409,44 @@ def check_latency_on_clock(
     best = result.best
     if limit is None or count < 1 or best is None:
         return None
+    timer = timer or latency_ratios
 
-    def table(r: Record) -> float:
-        if r.latency_ratio is not None:
-            return float(r.latency_ratio)
-        vec = task.ratio_vector(r.ratios)
+    def table(vec: np.ndarray) -> float:
         return float(task.cost_ratios(vec, ("latency",))["latency"])
 
     def meets(ratio: float) -> bool:  # the tolerance of ApplyResult.budget_check
         return ratio <= limit * (1 + 1e-6) + 1e-9
 
-    def key(r: Record) -> tuple[float, ...]:
-        return tuple(np.round(task.ratio_vector(r.ratios), 6).tolist())
-
-    timer = timer or latency_ratios
-    first = timer(task, [task.ratio_vector(best.ratios)])[0]
-    timed = [(best, first)]
-    if not meets(first) and count > 1:
-        error = first / max(table(best), 1e-12)
-        seen = {key(best)}
-        pool: list[Record] = []
-        for r in sorted(result.history, key=lambda r: -r.accuracy):
-            if not r.meets_budget or r.partial or key(r) in seen:
-                continue
-            seen.add(key(r))
-            if meets(table(r) * error):
-                pool.append(r)
-                if len(pool) == count - 1:
-                    break
-        if pool:
-            timed += zip(
-                pool, timer(task, [task.ratio_vector(r.ratios) for r in pool]), strict=True
-            )
-    met = [(r, m) for r, m in timed if meets(m)]
-    chosen, measured = max(met, key=lambda rm: rm[0].accuracy) if met else timed[0]
+    vec = task.ratio_vector(best.ratios)
+    searched_table = float(best.latency_ratio) if best.latency_ratio is not None else table(vec)
+    first = timer(task, [vec])[0]
+    chosen, measured, chosen_table = best, first, searched_table
+    current, timed = (searched_table, first), 1
+    while not meets(measured) and timed < count:
+        target = current[0] * limit / current[1]  # the table ratio expected to measure `limit`
+        try:
+            tighter = Budget({**budget.limits, "latency": target})
+        except ValueError:
+            break
+        candidate = task.project(vec, tighter)
+        predicted = table(candidate)
+        if not tighter.met_by(task.cost_ratios(candidate, tighter.metrics)):
+            break  # the tighter limit is out of this model's reach
+        current, timed = (predicted, timer(task, [candidate])[0]), timed + 1
+        if meets(current[1]):
+            e = (evaluate or Evaluator(task).evaluate)(candidate)
+            chosen = Record(
+                index=0, ratios=task.ratios_dict(candidate), accuracy=e.accuracy, loss=e.loss,
+                flops_ratio=e.flops_ratio, params_ratio=e.params_ratio, latency_ratio=predicted,
+                meets_budget=True, eval_seconds=float(sum(e.seconds.values())),
+                elapsed=result.seconds, note=f"clock check: projected to latency {target:.4f}",
+            )  # fmt: skip
+            measured, chosen_table = current[1], predicted
     result.best = chosen
     summary = {
-        "limit": float(limit), "measured": float(measured), "table": table(chosen),
-        "met": bool(met), "replaced": chosen is not best, "timed": len(timed),
-        "searched_measured": float(first), "searched_table": table(best),
+        "limit": float(limit), "measured": float(measured), "table": chosen_table,
+        "met": meets(measured), "replaced": chosen is not best, "timed": timed,
+        "searched_measured": float(first), "searched_table": searched_table,
     }  # fmt: skip
     result.info["latency_check"] = summary
     return summary
@@ -610,42 +613,17 @@ def _run_one(
         if searcher.evaluator is not getattr(backend, "evaluator", None):
             searcher.evaluator.preload(replay)
     hooks.search_started(name, seed, evaluations, done)
-    try:
+    try:  # the search, then its result checked, judged and recorded: stopped anywhere, resumable
         result = searcher.run()
+        result.info["resumed_from"] = done
+        policy, metrics = _conclude(task, result, budget, search, backend, hooks)
+        tracker.finish(run_id, result, policy, extra_metrics=metrics)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or asked to exit: resumable
         tracker.mark(run_id, "KILLED")
         raise
     except BaseException:
         tracker.mark(run_id, "FAILED")
         raise
-    result.info["resumed_from"] = done
-    clock = check_latency_on_clock(task, result, budget, search.latency_check)
-    if clock is not None and not clock["met"]:
-        hooks.notice(
-            f"{name} seed {seed}: its policy measures {clock['measured']:.3f} of the dense "
-            f"latency on this machine against the budget's {clock['limit']:g} (the lookup "
-            f"table says {clock['table']:.3f}), and none of the {clock['timed']} policies "
-            "timed meets it; search again with a lower latency limit to leave a margin"
-        )
-    policy = result.policy(task) if result.best is not None else None
-    metrics: dict[str, float] = {}
-    if result.best is not None:
-        best = result.best
-        metrics = {"best_flops_ratio": best.flops_ratio, "best_params_ratio": best.params_ratio}
-        if clock is not None:
-            metrics.update(
-                best_latency_measured=clock["measured"], best_latency_table=clock["table"],
-                latency_check_met=float(clock["met"]), latency_check_timed=clock["timed"],
-            )  # fmt: skip
-            assert policy is not None
-            policy.metrics["latency_measured"] = clock["measured"]
-        # The policy judged like every policy (search split, adaptive BN, dense weights): the
-        # one number that ranks searchers fairly (NetAdapt's search accuracy includes fine-tunes).
-        metrics["policy_accuracy"] = backend.map([task.ratio_vector(best.ratios)])[0].accuracy
-        metrics.update(
-            test_metrics(task, best.ratios, search.finetune_epochs, search.finetune_batches)
-        )
-    tracker.finish(run_id, result, policy, extra_metrics=metrics)
     summary = {
         **metrics,
         "evaluations": float(result.evaluations),
@@ -656,6 +634,46 @@ def _run_one(
     outcome = Outcome(name, seed, run_id, result, policy, summary)
     hooks.search_finished(outcome)
     return outcome
+
+
+def _conclude(
+    task: Task,
+    result: SearchResult,
+    budget: Budget,
+    search: SearchConfig,
+    backend: Backend,
+    hooks: Hooks,
+) -> tuple[Policy | None, dict[str, float]]:
+    """A finished search's policy (checked on the clock for a latency budget) and the summary
+    metrics of its run: achieved costs, the policy's accuracy judged like any policy, and its
+    test accuracy (after the fine-tune the config asks for)."""
+    clock = check_latency_on_clock(
+        task, result, budget, search.latency_check,
+        evaluate=lambda vec: backend.map([vec])[0],
+    )  # fmt: skip
+    if clock is not None and not clock["met"]:
+        hooks.notice(
+            f"{result.searcher} seed {result.seed}: its policy measures {clock['measured']:.3f} "
+            f"of the dense latency on this machine against the budget's {clock['limit']:g} "
+            f"(the lookup table says {clock['table']:.3f}), and none of the {clock['timed']} "
+            "policies timed meets it; search again with a lower latency limit to leave a margin"
+        )
+    best = result.best
+    if best is None:
+        return None, {}
+    policy = result.policy(task)
+    metrics = {"best_flops_ratio": best.flops_ratio, "best_params_ratio": best.params_ratio}
+    if clock is not None:
+        metrics.update(
+            best_latency_measured=clock["measured"], best_latency_table=clock["table"],
+            latency_check_met=float(clock["met"]), latency_check_timed=clock["timed"],
+        )  # fmt: skip
+        policy.metrics["latency_measured"] = clock["measured"]
+    # The policy judged like every policy (search split, adaptive BN, dense weights): the one
+    # number that ranks searchers fairly (NetAdapt's search accuracy includes fine-tunes).
+    metrics["policy_accuracy"] = backend.map([task.ratio_vector(best.ratios)])[0].accuracy
+    metrics.update(test_metrics(task, best.ratios, search.finetune_epochs, search.finetune_batches))
+    return policy, metrics
 
 
 def _recover(tracker: Tracker, journal: Journal, run_id: str) -> list[dict[str, Any]]:

@@ -16,96 +16,148 @@ import autoprune.apply as apply_module
 import autoprune.experiment as experiment_module
 from autoprune.budget import Budget
 from autoprune.costs import count_params
+from autoprune.evaluate import Evaluation, Evaluator
 from autoprune.experiment import check_latency_on_clock, experiment_config, run_experiment
 from autoprune.tracking import Tracker
 
 
-def _record(task, index, level, accuracy, table, meets=True, partial=False) -> Record:
-    ratios = task.ratios_dict(np.full(len(task.units), level))
-    return Record(
-        index=index, ratios=ratios, accuracy=accuracy, loss=0.0, flops_ratio=0.5,
-        params_ratio=0.5, latency_ratio=table, meets_budget=meets, eval_seconds=0.0,
-        elapsed=0.0, partial=partial,
-    )  # fmt: skip
+def _linear(task):
+    """A copy of ``task`` whose lookup table is made up: latency falls linearly with the mean
+    ratio (1.0 dense, 0.2 at every unit's maximum), so nothing hangs on this machine's timings."""
+    task = copy.copy(task)
+    task.__dict__.pop("_budget_targets", None)  # the shared fixture's cache is not ours
+    real = type(task).cost_ratios
+
+    def cost_ratios(self, vec, metrics=("flops", "params")):
+        out = real(self, vec, tuple(m for m in metrics if m != "latency"))
+        if "latency" in metrics:
+            out["latency"] = 1.0 - 0.8 * float(np.mean(vec)) / self.space.max_ratio
+        return out
+
+    task.cost_ratios = types.MethodType(cost_ratios, task)
+    return task
+
+
+def _table(task, vec) -> float:
+    return task.cost_ratios(np.asarray(vec), ("latency",))["latency"]
 
 
 class Clock:
-    """A made-up timer: the measured ratio of a policy is looked up by its uniform level."""
+    """A made-up timer: measured latency ratio = ``f(table ratio)``; remembers what it timed."""
 
-    def __init__(self, measured: dict[float, float]) -> None:
-        self.measured = measured
-        self.calls: list[list[float]] = []
+    def __init__(self, task, f) -> None:
+        self.task, self.f = task, f
+        self.timed: list[np.ndarray] = []
 
-    def __call__(self, task, vecs: list[np.ndarray]) -> list[float]:
-        levels = [round(float(v[0]), 3) for v in vecs]
-        self.calls.append(levels)
-        return [self.measured[level] for level in levels]
+    def __call__(self, _task, vecs: list[np.ndarray]) -> list[float]:
+        self.timed += [np.asarray(v) for v in vecs]
+        return [self.f(_table(self.task, v)) for v in vecs]
+
+
+class Evaluate:
+    """A made-up evaluation of the policies the check builds (accuracy 0.5), counted."""
+
+    def __init__(self, task) -> None:
+        self.task, self.calls = task, 0
+
+    def __call__(self, vec):
+        self.calls += 1
+        return Evaluation.of(self.task, vec, 0.5, 1.0, {"total": 0.1})
 
 
 def _search(task) -> SearchResult:
-    """A search whose best (level 0.40, table 0.600) runs slower than the table says."""
-    history = [
-        _record(task, 1, 0.30, 0.97, 0.66, meets=False),  # over the budget by the table itself
-        _record(task, 2, 0.40, 0.95, 0.600),  # the search's best
-        _record(task, 3, 0.45, 0.96, 0.50, partial=True),  # rejected early: no full accuracy
-        _record(task, 4, 0.40, 0.95, 0.600),  # the best again (same policy)
-        _record(task, 5, 0.42, 0.94, 0.580),  # the table's error says it misses: not timed
-        _record(task, 6, 0.50, 0.93, 0.540),
-        _record(task, 7, 0.55, 0.92, 0.520),
-        _record(task, 8, 0.60, 0.91, 0.500),
-    ]
-    return SearchResult("random", {"latency": 0.6}, 0, best=history[1], history=history)
+    """A search whose best policy sits at 0.6 of the dense latency by the table."""
+    best_vec = np.full(len(task.units), 0.5 * task.space.max_ratio)
+    best_vec[0] = 0.0  # not uniform: projection moves every unit its own way
+    best_vec[1] = task.space.max_ratio
+    ratios = task.ratios_dict(best_vec)
+    best = Record(
+        index=7, ratios=ratios, accuracy=0.9, loss=0.3, flops_ratio=0.5, params_ratio=0.5,
+        latency_ratio=_table(task, task.ratio_vector(ratios)), meets_budget=True,
+        eval_seconds=0.1, elapsed=5.0,
+    )  # fmt: skip
+    return SearchResult("random", {"latency": 0.6}, 0, best=best, history=[best], seconds=9.0)
+
+
+LATENCY = Budget.parse("latency=0.6")
 
 
 def test_a_best_that_meets_the_budget_on_the_clock_stays(default_task):
-    result = _search(default_task)
+    task = _linear(default_task)
+    result = _search(task)
     best = result.best
-    clock = Clock({0.4: 0.59})
-    summary = check_latency_on_clock(default_task, result, Budget.parse("latency=0.6"), 4, clock)
-    assert clock.calls == [[0.4]]  # nothing else timed
+    clock, evaluate = Clock(task, lambda t: t - 0.01), Evaluate(task)
+    summary = check_latency_on_clock(task, result, LATENCY, 4, clock, evaluate)
+    assert len(clock.timed) == 1 and evaluate.calls == 0
     assert result.best is best
+    table = best.latency_ratio
     assert summary == {
-        "limit": 0.6, "measured": 0.59, "table": 0.6, "met": True, "replaced": False,
-        "timed": 1, "searched_measured": 0.59, "searched_table": 0.6,
+        "limit": 0.6, "measured": pytest.approx(table - 0.01), "table": table, "met": True,
+        "replaced": False, "timed": 1, "searched_measured": pytest.approx(table - 0.01),
+        "searched_table": table,
     }  # fmt: skip
     assert result.info["latency_check"] == summary
 
 
-def test_a_best_that_misses_is_replaced_by_the_most_accurate_that_meets(default_task):
-    result = _search(default_task)
-    # measured 0.66 against the table's 0.60: the table is 10% optimistic for this model, so
-    # policies at table 0.54 and below may meet 0.6; 0.58 (0.638 corrected) is not worth timing
-    clock = Clock({0.4: 0.66, 0.5: 0.61, 0.55: 0.57, 0.6: 0.55})
-    summary = check_latency_on_clock(default_task, result, Budget.parse("latency=0.6"), 4, clock)
-    assert clock.calls == [[0.4], [0.5, 0.55, 0.6]]  # by accuracy; no duplicate, partial, over
-    assert result.best.index == 7  # 0.5 measured over the limit; 0.55 is the most accurate left
+def test_a_best_that_misses_is_pruned_further_until_it_meets_on_the_clock(default_task):
+    task = _linear(default_task)
+    result = _search(task)
+    best = result.best
+    best_vec = task.ratio_vector(best.ratios)
+    clock, evaluate = Clock(task, lambda t: 1.1 * t), Evaluate(task)  # the table 10% optimistic
+    summary = check_latency_on_clock(task, result, LATENCY, 4, clock, evaluate)
     assert summary is not None
-    assert (summary["met"], summary["replaced"], summary["timed"]) == (True, True, 4)
-    assert summary["measured"] == 0.57 and summary["table"] == 0.52
-    assert (summary["searched_measured"], summary["searched_table"]) == (0.66, 0.6)
-    policy = result.policy(default_task)
-    assert policy.ratios == pytest.approx(result.history[6].ratios)
+    assert (summary["met"], summary["replaced"], summary["timed"]) == (True, True, 2)
+    assert summary["searched_measured"] == pytest.approx(1.1 * best.latency_ratio)
+    new = result.best
+    new_vec = task.ratio_vector(new.ratios)
+    # what was timed second and returned: the best policy pruned further, towards each unit's
+    # maximum, until the table says 0.6 / 1.1 of the dense latency (measured: at the limit)
+    assert np.allclose(clock.timed[1], new_vec)
+    assert np.all(new_vec >= best_vec - 1e-12) and np.any(new_vec > best_vec + 1e-3)
+    assert _table(task, new_vec) == pytest.approx(0.6 / 1.1, abs=1e-3)
+    assert _table(task, new_vec) <= 0.6 / 1.1 * (1 + 1e-6)
+    assert summary["measured"] == pytest.approx(1.1 * _table(task, new_vec))
+    assert summary["measured"] <= 0.6 * (1 + 1e-6)
+    assert evaluate.calls == 1 and new.accuracy == 0.5 and new.meets_budget
+    assert result.policy(task).ratios == pytest.approx(task.ratios_dict(new_vec))
 
 
-def test_the_count_caps_what_is_timed(default_task):
-    result = _search(default_task)
-    clock = Clock({0.4: 0.66, 0.5: 0.61})
-    summary = check_latency_on_clock(default_task, result, Budget.parse("latency=0.6"), 2, clock)
-    assert clock.calls == [[0.4], [0.5]]
-    assert result.best.index == 2  # nothing timed meets the limit: the search's best stays
+def test_the_count_caps_the_timings_and_a_best_that_never_meets_stays(default_task):
+    task = _linear(default_task)
+    result = _search(task)
+    best = result.best
+    # a fixed 0.1 over the table: each correction falls short, approaching the limit from above
+    clock, evaluate = Clock(task, lambda t: t + 0.1), Evaluate(task)
+    summary = check_latency_on_clock(task, result, LATENCY, 3, clock, evaluate)
     assert summary is not None
-    assert (summary["met"], summary["replaced"], summary["measured"]) == (False, False, 0.66)
+    assert len(clock.timed) == 3 and summary["timed"] == 3 and evaluate.calls == 0
+    assert result.best is best
+    assert (summary["met"], summary["replaced"]) == (False, False)
+    assert summary["measured"] == pytest.approx(best.latency_ratio + 0.1)
+
+
+def test_a_correction_out_of_the_models_reach_stops_the_check(default_task):
+    task = _linear(default_task)
+    result = _search(task)
+    best = result.best
+    # measured 4x the table: the table would have to say 0.15, under its floor of 0.2
+    clock, evaluate = Clock(task, lambda t: 4 * t), Evaluate(task)
+    summary = check_latency_on_clock(task, result, LATENCY, 4, clock, evaluate)
+    assert summary is not None and len(clock.timed) == 1 and evaluate.calls == 0
+    assert result.best is best and not summary["met"]
 
 
 def test_nothing_is_timed_without_a_latency_limit_or_with_a_count_of_zero(default_task):
-    clock = Clock({})
-    result = _search(default_task)
-    latency = Budget.parse("latency=0.6")
-    assert check_latency_on_clock(default_task, result, Budget.parse("flops=0.5"), 4, clock) is None
-    assert check_latency_on_clock(default_task, result, latency, 0, clock) is None
+    task = _linear(default_task)
+    clock = Clock(task, lambda t: t)
+    result = _search(task)
+    best = result.best
+    assert check_latency_on_clock(task, result, Budget.parse("flops=0.5"), 4, clock) is None
+    assert check_latency_on_clock(task, result, LATENCY, 0, clock) is None
     empty = SearchResult("random", {"latency": 0.6}, 0)
-    assert check_latency_on_clock(default_task, empty, latency, 4, clock) is None
-    assert clock.calls == [] and result.best.index == 2
+    assert check_latency_on_clock(task, empty, LATENCY, 4, clock) is None
+    assert clock.timed == [] and result.best is best
 
 
 def test_latency_ratios_time_the_pruned_models_against_the_dense_one(default_task, monkeypatch):
@@ -133,53 +185,33 @@ def test_latency_ratios_time_the_pruned_models_against_the_dense_one(default_tas
 def test_a_latency_search_returns_and_records_the_policy_checked_on_the_clock(
     default_task, monkeypatch, tmp_path: Path
 ):
-    """A real search under a latency budget, with a made-up table (latency falls linearly with
-    the mean ratio, so the result does not hang on this machine's timings) and a made-up clock
-    on which that table is 6% optimistic: the policy returned, logged and recorded meets the
-    limit on that clock, and is the most accurate of the search's policies that does."""
-    task = copy.copy(default_task)
-    task.__dict__.pop("_budget_targets", None)  # the shared fixture's cache is not ours
-    real = type(task).cost_ratios
-
-    def cost_ratios(self, vec, metrics=("flops", "params")):
-        out = real(self, vec, tuple(m for m in metrics if m != "latency"))
-        if "latency" in metrics:
-            out["latency"] = 1.0 - 0.8 * float(np.mean(vec)) / self.space.max_ratio
-        return out
-
-    monkeypatch.setattr(task, "cost_ratios", types.MethodType(cost_ratios, task))
-
-    def table(vec) -> float:
-        return task.cost_ratios(vec, ("latency",))["latency"]
-
-    def clock(_task, vecs):
-        return [1.06 * table(v) for v in vecs]
-
+    """A real search under a latency budget, with a made-up table and a made-up clock on which
+    that table is 6% optimistic: the policy returned, logged and recorded meets the limit on
+    that clock, and its accuracy is what an evaluator of its own says."""
+    task = _linear(default_task)
+    clock = Clock(task, lambda t: 1.06 * t)
     monkeypatch.setattr(experiment_module, "latency_ratios", clock)
     limit = 0.7
     cfg = experiment_config(overrides=[
-        "search.searchers=[random]", "search.evaluations=8", "search.workers=0",
-        f"search.budget=latency={limit}", "search.latency_check=8",
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        "search.searchers=[random]", "search.evaluations=6", "search.workers=0",
+        f"search.budget=latency={limit}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
     ])  # fmt: skip
     result = run_experiment(cfg, task=task)
     outcome = result.outcomes[0]
     assert outcome.result is not None and outcome.policy is not None
     check = outcome.result.info["latency_check"]
     assert check["searched_measured"] > limit  # the search's own best misses on this clock
-    assert check["met"] and check["replaced"]
+    assert check["met"] and check["replaced"] and check["timed"] <= 4  # the default count
     vec = task.ratio_vector(outcome.policy.ratios)
-    assert 1.06 * table(vec) <= limit
-    feasible = [
-        r for r in outcome.result.history
-        if r.meets_budget and not r.partial and 1.06 * table(task.ratio_vector(r.ratios)) <= limit
-    ]  # fmt: skip
-    assert outcome.result.best.accuracy == max(r.accuracy for r in feasible)
-    assert outcome.policy.metrics["latency_measured"] == pytest.approx(1.06 * table(vec))
+    measured = 1.06 * _table(task, vec)
+    assert measured <= limit * (1 + 1e-6)
+    assert outcome.result.best.accuracy == Evaluator(task).evaluate(vec).accuracy
+    assert outcome.policy.metrics["latency_measured"] == pytest.approx(measured)
     metrics = outcome.metrics
-    assert metrics["best_latency_measured"] == pytest.approx(1.06 * table(vec))
+    assert metrics["best_latency_measured"] == pytest.approx(measured)
     assert metrics["latency_check_met"] == 1.0
-    assert result.rows()[0]["latency_ratio"] == pytest.approx(1.06 * table(vec))
+    assert metrics["policy_accuracy"] == outcome.result.best.accuracy
+    assert result.rows()[0]["latency_ratio"] == pytest.approx(measured)
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", cfg.tracking.experiment)
     logged, _ = tracker.best_policy(run_id=outcome.run_id)
     assert logged["ratios"] == pytest.approx(outcome.policy.ratios)
