@@ -375,6 +375,25 @@ def test_metrics(
     return out
 
 
+LATENCY_CHECK_MARGIN = 0.02
+"""How far under the limit a repaired policy aims on the clock (timings vary by about 1%)."""
+
+
+def _table_target(points: list[tuple[float, float]], aim: float) -> float:
+    """The table ratio expected to measure ``aim``, from the (table, measured) pairs timed so
+    far: proportional to the last one at first, then along the line through the last two
+    (the table's error grows as a model is pruned further, so a proportional step falls short);
+    always below the last table ratio."""
+    t1, m1 = points[-1]
+    target = t1 * aim / m1
+    if len(points) > 1:
+        t0, m0 = points[-2]
+        slope = (m1 - m0) / (t1 - t0) if t1 != t0 else 0.0
+        if slope > 0:
+            target = t1 + (aim - m1) / slope
+    return min(target, t1 * (1 - 1e-3))
+
+
 LatencyTimer = Callable[[Task, list[np.ndarray]], list[float]]
 """Measured latency ratios (pruned / dense) of ratio vectors, as :func:`latency_ratios`."""
 
@@ -394,9 +413,9 @@ def check_latency_on_clock(
     The search's best policy is timed first (``timer``: against the dense model, interleaved);
     if it meets the limit it stays. Otherwise the best policy is projected again (more pruning,
     every unit the same fraction of the way to its maximum, as searches project) onto a tighter
-    table limit, the one the last timing says measures at the limit (table limit x limit /
-    measured), and timed; up to ``count`` timings in all. The first projection that meets the
-    limit on the clock is evaluated like any policy (``evaluate``, default a fresh
+    table limit, the one the timings so far say measures 2% under the limit
+    (:func:`_table_target`), and timed; up to ``count`` timings in all. The first projection
+    that meets the limit on the clock is evaluated like any policy (``evaluate``, default a fresh
     :class:`~autoprune.evaluate.Evaluator`) and becomes ``result.best``. When none does, or the
     tighter limit is out of reach, the best stays and the summary says it misses.
 
@@ -421,9 +440,10 @@ def check_latency_on_clock(
     searched_table = float(best.latency_ratio) if best.latency_ratio is not None else table(vec)
     first = timer(task, [vec])[0]
     chosen, measured, chosen_table = best, first, searched_table
-    current, timed = (searched_table, first), 1
-    while not meets(measured) and timed < count:
-        target = current[0] * limit / current[1]  # the table ratio expected to measure `limit`
+    points = [(searched_table, first)]  # (table ratio, measured ratio) of each policy timed
+    aim = limit * (1 - LATENCY_CHECK_MARGIN)
+    while not meets(measured) and len(points) < count:
+        target = _table_target(points, aim)
         try:
             tighter = Budget({**budget.limits, "latency": target})
         except ValueError:
@@ -432,8 +452,8 @@ def check_latency_on_clock(
         predicted = table(candidate)
         if not tighter.met_by(task.cost_ratios(candidate, tighter.metrics)):
             break  # the tighter limit is out of this model's reach
-        current, timed = (predicted, timer(task, [candidate])[0]), timed + 1
-        if meets(current[1]):
+        points.append((predicted, timer(task, [candidate])[0]))
+        if meets(points[-1][1]):
             e = (evaluate or Evaluator(task).evaluate)(candidate)
             chosen = Record(
                 index=0, ratios=task.ratios_dict(candidate), accuracy=e.accuracy, loss=e.loss,
@@ -441,8 +461,9 @@ def check_latency_on_clock(
                 meets_budget=True, eval_seconds=float(sum(e.seconds.values())),
                 elapsed=result.seconds, note=f"clock check: projected to latency {target:.4f}",
             )  # fmt: skip
-            measured, chosen_table = current[1], predicted
+            measured, chosen_table = points[-1][1], predicted
     result.best = chosen
+    timed = len(points)
     summary = {
         "limit": float(limit), "measured": float(measured), "table": chosen_table,
         "met": meets(measured), "replaced": chosen is not best, "timed": timed,
