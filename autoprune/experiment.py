@@ -394,6 +394,26 @@ def _table_target(points: list[tuple[float, float]], aim: float) -> float:
     return min(target, t1 * (1 - 1e-3))
 
 
+def _bracket_target(
+    points: list[tuple[float, float]], hit: float, aim: float, meets: Callable[[float], bool]
+) -> float | None:
+    """After a repair that meets the limit with room to spare: the table ratio between the
+    least pruned policy that meets (table ratio ``hit``) and the most pruned one that misses,
+    on the line through their timings, kept off both ends (a tenth of the gap); None once the
+    gap is under 0.5% of the table ratio (nothing left to gain)."""
+    met = {t: m for t, m in points if meets(m)}
+    missed = [(t, m) for t, m in points if not meets(m) and t > hit]
+    if not missed:
+        return None
+    t1, m1 = min(missed)
+    t0, m0 = hit, met[hit]
+    gap = t1 - t0
+    if gap < 0.005 * t1:
+        return None
+    target = t0 + (aim - m0) * gap / (m1 - m0) if m1 > m0 else t0 + gap / 2
+    return min(max(target, t0 + 0.1 * gap), t1 - 0.1 * gap)
+
+
 LatencyTimer = Callable[[Task, list[np.ndarray]], list[float]]
 """Measured latency ratios (pruned / dense) of ratio vectors, as :func:`latency_ratios`."""
 
@@ -414,10 +434,13 @@ def check_latency_on_clock(
     if it meets the limit it stays. Otherwise the best policy is projected again (more pruning,
     every unit the same fraction of the way to its maximum, as searches project) onto a tighter
     table limit, the one the timings so far say measures 2% under the limit
-    (:func:`_table_target`), and timed; up to ``count`` timings in all. The first projection
-    that meets the limit on the clock is evaluated like any policy (``evaluate``, default a fresh
-    :class:`~autoprune.evaluate.Evaluator`) and becomes ``result.best``. When none does, or the
-    tighter limit is out of reach, the best stays and the summary says it misses.
+    (:func:`_table_target`), and timed; up to ``count`` timings in all. A projection that meets
+    the limit with more than twice the margin to spare pruned too much: the remaining timings
+    step back up between it and the closest miss (:func:`_bracket_target`). The least pruned
+    projection that met the limit on the clock is evaluated like any policy (``evaluate``,
+    default a fresh :class:`~autoprune.evaluate.Evaluator`) and becomes ``result.best``. When
+    none does, or the tighter limit is out of reach, the best stays and the summary says it
+    misses.
 
     Returns None where there is nothing to check (no latency limit, ``count`` 0, no policy);
     else ``limit``, ``measured`` and ``table`` (latency ratios of the returned policy), ``met``,
@@ -439,11 +462,19 @@ def check_latency_on_clock(
     vec = task.ratio_vector(best.ratios)
     searched_table = float(best.latency_ratio) if best.latency_ratio is not None else table(vec)
     first = timer(task, [vec])[0]
-    chosen, measured, chosen_table = best, first, searched_table
     points = [(searched_table, first)]  # (table ratio, measured ratio) of each policy timed
     aim = limit * (1 - LATENCY_CHECK_MARGIN)
-    while not meets(measured) and len(points) < count:
-        target = _table_target(points, aim)
+    close = limit * (1 - 2 * LATENCY_CHECK_MARGIN)  # a repair measuring this much or more is kept
+    hit: tuple[float, float, np.ndarray, float] | None = None  # target, table, policy, measured
+    while not meets(first) and len(points) < count:
+        if hit is None:
+            target = _table_target(points, aim)
+        else:
+            if hit[3] >= close:
+                break
+            target = _bracket_target(points, hit[1], aim, meets)
+            if target is None:
+                break
         try:
             tighter = Budget({**budget.limits, "latency": target})
         except ValueError:
@@ -453,15 +484,18 @@ def check_latency_on_clock(
         if not tighter.met_by(task.cost_ratios(candidate, tighter.metrics)):
             break  # the tighter limit is out of this model's reach
         points.append((predicted, timer(task, [candidate])[0]))
-        if meets(points[-1][1]):
-            e = (evaluate or Evaluator(task).evaluate)(candidate)
-            chosen = Record(
-                index=0, ratios=task.ratios_dict(candidate), accuracy=e.accuracy, loss=e.loss,
-                flops_ratio=e.flops_ratio, params_ratio=e.params_ratio, latency_ratio=predicted,
-                meets_budget=True, eval_seconds=float(sum(e.seconds.values())),
-                elapsed=result.seconds, note=f"clock check: projected to latency {target:.4f}",
-            )  # fmt: skip
-            measured, chosen_table = points[-1][1], predicted
+        if meets(points[-1][1]) and (hit is None or predicted > hit[1]):
+            hit = (target, predicted, candidate, points[-1][1])  # the least pruning that meets
+    chosen, measured, chosen_table = best, first, searched_table
+    if hit is not None:
+        target, chosen_table, candidate, measured = hit
+        e = (evaluate or Evaluator(task).evaluate)(candidate)
+        chosen = Record(
+            index=0, ratios=task.ratios_dict(candidate), accuracy=e.accuracy, loss=e.loss,
+            flops_ratio=e.flops_ratio, params_ratio=e.params_ratio, latency_ratio=chosen_table,
+            meets_budget=True, eval_seconds=float(sum(e.seconds.values())),
+            elapsed=result.seconds, note=f"clock check: projected to latency {target:.4f}",
+        )  # fmt: skip
     result.best = chosen
     timed = len(points)
     summary = {

@@ -257,3 +257,37 @@ def test_the_measurement_script_reports_both_policies_and_refuses_a_budget_witho
     assert "| vgg11 | returned | the same policy |" in text
     with pytest.raises(SystemExit):
         mod.parse_args(["--budget", "flops=0.5"])
+
+
+def test_a_repair_that_overshoots_steps_back_up_towards_the_limit(default_task):
+    task = _linear(default_task)
+    result = _search(task)
+    # the table grows more optimistic as the model is pruned: the first correction (proportional,
+    # table 0.504) measures 0.415, far under the limit; the next ones step back up towards it
+    clock, evaluate = Clock(task, lambda t: 0.7 * (t / 0.6) ** 3), Evaluate(task)
+    summary = check_latency_on_clock(task, result, LATENCY, 5, clock, evaluate)
+    assert summary is not None and summary["met"] and summary["replaced"]
+    tables = [_table(task, v) for v in clock.timed]
+    measured = [clock.f(t) for t in tables]
+    assert tables[1] == pytest.approx(0.6 * 0.588 / 0.7, abs=1e-3) and measured[1] < 0.45
+    assert len(tables) >= 3 and tables[1] < tables[2] < tables[0]  # stepped back up
+    met = [(t, m) for t, m in zip(tables, measured, strict=True) if m <= 0.6]
+    least_pruned = max(met)
+    new_vec = task.ratio_vector(result.best.ratios)
+    assert _table(task, new_vec) == pytest.approx(least_pruned[0])
+    assert summary["measured"] == pytest.approx(least_pruned[1]) and 0.57 <= summary["measured"]
+    assert summary["timed"] == len(tables) and evaluate.calls == 1  # only the returned one
+
+
+def test_a_step_back_that_misses_is_not_returned(default_task):
+    task = _linear(default_task)
+    result = _search(task)
+    # a jump: anything over 0.55 by the table measures 0.7, anything under it 0.4
+    clock, evaluate = Clock(task, lambda t: 0.7 if t > 0.55 else 0.4), Evaluate(task)
+    summary = check_latency_on_clock(task, result, LATENCY, 4, clock, evaluate)
+    assert summary is not None and summary["met"] and summary["timed"] == 4
+    tables = [_table(task, v) for v in clock.timed]
+    assert tables[2] > 0.55  # the first step back missed ...
+    assert tables[1] < tables[3] < 0.55  # ... the second met, closer to the limit
+    assert _table(task, task.ratio_vector(result.best.ratios)) == pytest.approx(tables[3])
+    assert summary["measured"] == 0.4 and evaluate.calls == 1
