@@ -29,7 +29,7 @@ from pydantic import Field
 
 from autoprune.budget import Budget
 from autoprune.sensitivity import SensitivityResult, scan
-from autoprune.surgery import CONVS
+from autoprune.surgery import CONVS, TRANSPOSED
 from autoprune.task import Task
 
 CostFn = Callable[[np.ndarray], Mapping[str, float]]
@@ -342,7 +342,7 @@ def global_ratios(task: Task, ratio: float) -> np.ndarray:
 
 
 def _out_channels(module: torch.nn.Module) -> int:
-    if isinstance(module, CONVS):
+    if isinstance(module, (*CONVS, *TRANSPOSED)):
         return int(module.out_channels)
     if isinstance(module, torch.nn.Linear):
         return int(module.out_features)

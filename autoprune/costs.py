@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from autoprune.surgery import LAYERS
+from autoprune.surgery import LAYERS, TRANSPOSED
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def measure_macs(model: nn.Module, input_shape: tuple[int, ...], nonzero_only: b
     layers: list[tuple[int, int]] = []  # (dense, non-zero) MACs of every conv / linear call
 
     def record(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        layers.append(_layer_macs(module, output))
+        layers.append(_layer_macs(module, inputs[0], output))
 
     sparse = _hooks(model, _is_layer, record, pre=False) if nonzero_only else nullcontext()
     counter = FlopCounterMode(display=False)
@@ -200,15 +200,19 @@ def measure_macs(model: nn.Module, input_shape: tuple[int, ...], nonzero_only: b
     return dense - sum(d for d, _ in layers) + sum(n for _, n in layers)
 
 
-def _layer_macs(module: nn.Module, output: torch.Tensor) -> tuple[int, int]:
+def _layer_macs(module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> tuple[int, int]:
     """(dense, non-zero) MACs of one conv / linear call on a batch of one.
 
-    Both are (output elements per output channel) x (weight count): a conv weight already holds
-    in / groups channels per filter, and a linear layer runs once per input row.
+    Both are (positions the weight is applied at) x (weight count): a conv weight already holds
+    in / groups channels per filter and runs at every output position, a transposed conv's at
+    every input position, and a linear layer runs once per input row.
     """
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
-    rows = output.numel() // weight.shape[0]
+    if isinstance(module, TRANSPOSED):
+        rows = x.numel() // x.shape[1]
+    else:
+        rows = output.numel() // weight.shape[0]
     return rows * weight.numel(), rows * int(torch.count_nonzero(weight))
 
 
@@ -340,7 +344,7 @@ class LayerSpec:
     """
 
     name: str
-    kind: str  # "conv" or "linear"
+    kind: str  # "conv", "tconv" (transposed) or "linear"
     in_channels: int
     out_channels: int
     input_shape: tuple[int, ...]
@@ -351,6 +355,7 @@ class LayerSpec:
     groups: int = 1
     bias: bool = True
     padding_mode: str = "zeros"
+    output_padding: tuple[int, ...] = (0, 0)  # a transposed conv's
     bn: bool = False
     act: str | None = None
     act_inplace: bool = False
@@ -359,7 +364,7 @@ class LayerSpec:
     @property
     def depthwise(self) -> bool:
         """One filter group per input channel (out = multiplier x in): its grid is 1-D."""
-        return self.kind == "conv" and self.groups == self.in_channels and self.groups > 1
+        return self.kind != "linear" and self.groups == self.in_channels and self.groups > 1
 
     @property
     def channel_step(self) -> int:
@@ -367,7 +372,10 @@ class LayerSpec:
         return 1 if self.depthwise else self.groups
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+        if self.kind != "tconv":  # the layout (and cache key) of tables without transposed convs
+            del out["output_padding"]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LayerSpec:
@@ -385,15 +393,17 @@ def _spec_of(name: str, module: nn.Module, x: torch.Tensor) -> LayerSpec:
             name, "linear", module.in_features, module.out_features, per_sample,
             bias=module.bias is not None,
         )  # fmt: skip
-    if not isinstance(module, nn.Conv2d):
+    if not isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
         raise ValueError(
-            f"the latency table models nn.Conv2d and nn.Linear layers; {name!r} is a "
-            f"{type(module).__name__}: use a flops or params budget for this model"
+            f"the latency table models nn.Conv2d, nn.ConvTranspose2d and nn.Linear layers; "
+            f"{name!r} is a {type(module).__name__}: use a flops or params budget for this model"
         )
     padding = module.padding if isinstance(module.padding, str) else tuple(module.padding)
+    transposed = isinstance(module, nn.ConvTranspose2d)
     return LayerSpec(
         name=name,
-        kind="conv",
+        kind="tconv" if transposed else "conv",
+        output_padding=tuple(module.output_padding) if transposed else (0, 0),
         in_channels=module.in_channels,
         out_channels=module.out_channels,
         input_shape=per_sample,
@@ -411,7 +421,7 @@ def _followers(spec: LayerSpec, after: list[nn.Module]) -> LayerSpec:
     """Attach the BatchNorm2d and activation that ran right after a conv (cheap pattern match
     on the order of leaf-module calls; anything else is left to the table's overhead)."""
     bn = False
-    if spec.kind == "conv" and after and isinstance(after[0], nn.BatchNorm2d):
+    if spec.kind != "linear" and after and isinstance(after[0], nn.BatchNorm2d):
         bn = after[0].num_features == spec.out_channels
     act = after[int(bn)] if len(after) > int(bn) else None
     if act is None or type(act) not in _ACTIVATIONS.values():
@@ -458,6 +468,12 @@ def _replica(spec: LayerSpec, cin: int, cout: int) -> nn.Module:
     layer: nn.Module
     if spec.kind == "linear":
         layer = nn.Linear(cin, cout, bias=spec.bias)
+    elif spec.kind == "tconv":
+        layer = nn.ConvTranspose2d(
+            cin, cout, spec.kernel_size, spec.stride, spec.padding, spec.output_padding,  # type: ignore[arg-type]
+            groups=cin if spec.depthwise else spec.groups, bias=spec.bias,
+            dilation=spec.dilation, padding_mode=spec.padding_mode,  # type: ignore[arg-type]
+        )  # fmt: skip
     else:
         layer = nn.Conv2d(
             cin, cout, spec.kernel_size, spec.stride, spec.padding, spec.dilation,  # type: ignore[arg-type]
@@ -781,8 +797,10 @@ class LatencyTable:
 
 
 def _channels_of(name: str, module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
         return module.in_channels, module.out_channels
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    raise ValueError(f"layer {name!r} is a {type(module).__name__}, not a Conv2d or Linear")
+    raise ValueError(
+        f"layer {name!r} is a {type(module).__name__}, not a Conv2d, ConvTranspose2d or Linear"
+    )

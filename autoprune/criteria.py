@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoprune.space import Member, PruningSpace, Unit
-from autoprune.surgery import LAYERS
+from autoprune.surgery import LAYERS, out_major
 
 Scores = list[np.ndarray]
 
@@ -179,17 +179,22 @@ def gradient_moments(ctx: CriterionContext) -> tuple[dict[str, torch.Tensor], ..
 
 
 # -------------------------------------------------------- channel criteria
+def _filters(mod: nn.Module) -> torch.Tensor:
+    """A layer's weight with one row per output channel (a transposed conv's regrouped)."""
+    return out_major(_weight(mod), mod)
+
+
 @register("l1", ("channel",), "L1 norm of the filters (Li et al., ICLR 2017)")
 def _l1(ctx: CriterionContext) -> Scores:
     return _group_scores(
-        ctx, lambda m, mod: _filter_reduce(_weight(mod), "l1") if _is_out_layer(m, mod) else None
+        ctx, lambda m, mod: _filter_reduce(_filters(mod), "l1") if _is_out_layer(m, mod) else None
     )
 
 
 @register("l2", ("channel",), "L2 norm of the filters")
 def _l2(ctx: CriterionContext) -> Scores:
     return _group_scores(
-        ctx, lambda m, mod: _filter_reduce(_weight(mod), "l2") if _is_out_layer(m, mod) else None
+        ctx, lambda m, mod: _filter_reduce(_filters(mod), "l2") if _is_out_layer(m, mod) else None
     )
 
 
@@ -215,8 +220,8 @@ def _grad_channel(ctx: CriterionContext, kind: str) -> Scores:
             return None
         w, name = _weight(mod), names[id(mod)]
         if kind == "taylor":
-            return np.abs(_filter_reduce(w * g1[name], "sum"))
-        return _filter_reduce(0.5 * w.pow(2) * g2[name], "sum")
+            return np.abs(_filter_reduce(out_major(w * g1[name], mod), "sum"))
+        return _filter_reduce(out_major(0.5 * w.pow(2) * g2[name], mod), "sum")
 
     return _group_scores(ctx, score)
 

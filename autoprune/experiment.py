@@ -472,9 +472,10 @@ def check_latency_on_clock(
         else:
             if hit[3] >= close:
                 break
-            target = _bracket_target(points, hit[1], aim, meets)
-            if target is None:
+            between = _bracket_target(points, hit[1], aim, meets)
+            if between is None:
                 break
+            target = between
         try:
             tighter = Budget({**budget.limits, "latency": target})
         except ValueError:

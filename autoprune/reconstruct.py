@@ -33,6 +33,24 @@ def consumers(space: PruningSpace, removed: list[int] | None = None) -> list[str
     return sorted(names, key=order.__getitem__)
 
 
+REFITTABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+"""The layers least-squares reconstruction refits."""
+
+
+def check_refittable(model: nn.Module, space: PruningSpace) -> None:
+    """Refuse, before any search, a task with ``reconstruct`` whose policies would shrink the
+    inputs of a layer reconstruction cannot refit (3-D or transposed convolutions)."""
+    modules = dict(model.named_modules())
+    bad = [n for n in consumers(space) if not isinstance(modules[n], REFITTABLE)]
+    if bad:
+        kinds = sorted({type(modules[n]).__name__ for n in bad})
+        raise ValueError(
+            f"reconstruction refits 1-D and 2-D convolutions and linear layers; the layers "
+            f"{bad} ({', '.join(kinds)}) lose input channels: turn reconstruction off for this "
+            "model, or keep the units that feed them out of the search with ignore"
+        )
+
+
 def _capture(model: nn.Module, name: str, x: torch.Tensor, want: str) -> torch.Tensor:
     """The input (``want="in"``) or output of module ``name`` for a batch."""
     module = dict(model.named_modules())[name]

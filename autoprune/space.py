@@ -24,7 +24,7 @@ import torch_pruning as tp
 from torch import nn
 
 from autoprune.costs import measure_macs
-from autoprune.surgery import CONVS, LAYERS, NORMS, norm_channels
+from autoprune.surgery import CONVS, LAYERS, NORMS, TRANSPOSED, norm_channels
 
 GRANULARITIES = ("channel", "fine", "nm")
 UNIT_KINDS = ("conv", "dwconv", "linear")
@@ -53,8 +53,11 @@ class LayerGeometry:
     stride: int
     groups: int
     in_size: int  # input feature-map side (1 for linear)
-    positions: int  # output positions per sample (H_out * W_out, every call; rows for linear)
+    # positions per sample at which the weight is applied, every call: output positions of a
+    # conv (H_out * W_out), input positions of a transposed conv, rows of a linear layer
+    positions: int
     bias: bool
+    transposed: bool = False
 
     @property
     def macs(self) -> int:
@@ -149,11 +152,15 @@ def _geometry(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, LayerG
     def hook(name: str) -> Callable[..., None]:
         def record(mod: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
             x = inputs[0]
+            # a transposed conv applies its weight once per input position (each scatters a
+            # kernel-sized patch), a conv once per output position
+            applied = x if isinstance(mod, TRANSPOSED) else out
             if name in found:  # a layer run more than once (weight sharing): every call costs
-                calls = out.numel() // (out.shape[0] * found[name].out_channels)
+                channels = applied.shape[1] if applied is x else found[name].out_channels
+                calls = applied.numel() // (applied.shape[0] * channels)
                 found[name].positions += int(calls)
                 return
-            if isinstance(mod, CONVS):  # 1-D, 2-D and 3-D alike: kernel and positions are products
+            if isinstance(mod, (*CONVS, *TRANSPOSED)):  # 1-D, 2-D and 3-D: products of sides
                 dw = mod.groups == mod.in_channels == mod.out_channels and mod.groups > 1
                 found[name] = LayerGeometry(
                     name=name,
@@ -164,8 +171,9 @@ def _geometry(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, LayerG
                     stride=int(mod.stride[0]),
                     groups=mod.groups,
                     in_size=int(x.shape[-1]),
-                    positions=math.prod(int(d) for d in out.shape[2:]),
+                    positions=math.prod(int(d) for d in applied.shape[2:]),
                     bias=mod.bias is not None,
+                    transposed=isinstance(mod, TRANSPOSED),
                 )
             elif isinstance(mod, nn.Linear):
                 rows = int(out.numel() // (out.shape[0] * out.shape[-1]))
@@ -296,6 +304,13 @@ _GROUPED_WHY = "(the same channels must be removed in every group)"
 
 def _layer_cut(module: nn.Module, op: str) -> tuple[str, int] | str:
     """(surgery operation, group size) of a traced layer, or why it cannot be cut correctly."""
+    if isinstance(module, TRANSPOSED):
+        g = module.groups
+        if g == 1:
+            return op, 0
+        if g == module.in_channels == module.out_channels:
+            return "dw", 0
+        return "grouped transposed convolution (only groups 1 and depthwise are cut)"
     if isinstance(module, CONVS):
         g = module.groups
         if g == 1:
@@ -512,7 +527,9 @@ class PruningSpace:
             if geo.name in self.user_ignored:
                 continue
             size = geo.out_channels * (geo.in_channels // geo.groups) * geo.kernel
-            eligible = (geo.in_channels // geo.groups) % self.nm_m == 0
+            # N:M groups run along the reduction dimension, a transposed conv's is its weight's
+            # first: not the layout N:M kernels take, so its weights stay dense (fixed cost)
+            eligible = (geo.in_channels // geo.groups) % self.nm_m == 0 and not geo.transposed
             if self.granularity == "nm" and not eligible:
                 continue  # N:M groups run along the input channels; too few of them
             units.append(

@@ -11,9 +11,10 @@ function when the positions differ (issue 13). Every function here:
 * replaces parameters and buffers with new tensors and never writes into the old ones, so a
   structural copy that shares tensors with the dense model (``light_copy``) stays safe.
 
-Operations (``op``): ``out`` / ``in`` for conv and linear layers, ``dw`` for a depthwise conv
-(input and output channels are the same channels), ``ch`` for per-channel layers (batch, layer,
-group and instance norm, PReLU) and ``param`` for a bare ``nn.Parameter`` (layer scale).
+Operations (``op``): ``out`` / ``in`` for conv, transposed conv and linear layers, ``dw`` for a
+depthwise conv or transposed conv (input and output channels are the same channels), ``ch``
+for per-channel layers (batch, layer, group and instance norm, PReLU) and ``param`` for a bare
+``nn.Parameter`` (layer scale).
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ import torch
 from torch import nn
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-"""The convolutions channel surgery, the cost model and the criteria handle (not transposed)."""
-LAYERS = (*CONVS, nn.Linear)
-"""The layers a unit is made of: convolutions and linear layers."""
+"""Convolutions (1-D, 2-D and 3-D), weight (out, in / groups, *kernel)."""
+TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+"""Transposed convolutions (decoders, upsampling), weight (in, out / groups, *kernel)."""
+LAYERS = (*CONVS, *TRANSPOSED, nn.Linear)
+"""The layers a unit is made of: convolutions, transposed convolutions and linear layers."""
 
 NORMS = (
     nn.modules.batchnorm._BatchNorm,
@@ -105,6 +108,36 @@ def conv_dw(conv: nn.modules.conv._ConvNd, removed: Sequence[int]) -> None:
     )
 
 
+def out_major(weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """A layer's weight (or a tensor of its shape, e.g. its gradient) with one row per output
+    channel: as stored for convolutions and linear layers, regrouped for a transposed
+    convolution, (in, out / g, *k) -> (out, in / g, *k), the layout of the equivalent conv."""
+    if not isinstance(layer, TRANSPOSED):
+        return weight
+    g = layer.groups
+    cin, per, *kernel = weight.shape
+    grouped = weight.reshape(g, cin // g, per, *kernel).transpose(1, 2)
+    return grouped.reshape(g * per, cin // g, *kernel)
+
+
+def tconv_out(conv: nn.modules.conv._ConvTransposeNd, removed: Sequence[int]) -> None:
+    if conv.groups > 1:
+        raise SurgeryError("a grouped transposed convolution's output channels cannot be cut")
+    keep = _keep(conv.out_channels, removed)
+    conv.weight = _param(conv.weight, keep, 1)
+    if conv.bias is not None:
+        conv.bias = _param(conv.bias, keep, 0)
+    conv.out_channels = len(keep)
+
+
+def tconv_in(conv: nn.modules.conv._ConvTransposeNd, removed: Sequence[int]) -> None:
+    if conv.groups > 1:
+        raise SurgeryError("a grouped transposed convolution's input channels cannot be cut")
+    keep = _keep(conv.in_channels, removed)
+    conv.weight = _param(conv.weight, keep, 0)
+    conv.in_channels = len(keep)
+
+
 def linear_out(layer: nn.Linear, removed: Sequence[int]) -> None:
     layer.out_features = _rows(layer, _keep(layer.out_features, removed))
 
@@ -162,6 +195,9 @@ def cut(module: nn.Module, op: str, removed: Sequence[int]) -> None:
     """Remove ``removed`` (original indices) from ``module`` for operation ``op``."""
     if op in ("out", "in", "dw") and isinstance(module, CONVS):
         {"out": conv_out, "in": conv_in, "dw": conv_dw}[op](module, removed)
+    elif op in ("out", "in", "dw") and isinstance(module, TRANSPOSED):
+        # a depthwise transposed conv's weight is (channels, 1, *k) like a depthwise conv's
+        {"out": tconv_out, "in": tconv_in, "dw": conv_dw}[op](module, removed)
     elif op in ("out", "in") and isinstance(module, nn.Linear):
         (linear_out if op == "out" else linear_in)(module, removed)
     elif op == "ch":

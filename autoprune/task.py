@@ -27,7 +27,7 @@ from autoprune.equivalence import verify_channel_pruning
 from autoprune.models import build_model, checkpoint_hash, load_checkpoint, resolve_factory
 from autoprune.models.registry import uncompiled
 from autoprune.pruning import Ranking, prune_model
-from autoprune.reconstruct import reconstruct
+from autoprune.reconstruct import check_refittable, reconstruct
 from autoprune.space import PruningSpace, SpaceError
 from autoprune.training import (
     Metric,
@@ -65,6 +65,8 @@ class Task:
         self.input_shape = tuple(int(s) for s in data.input_shape)
         self.skipped: list[str] = []  # units kept out as unsupported (``ignore_unsupported``)
         self.space = self._verified_space(model)
+        if self.config.reconstruct and self.space.granularity == "channel":
+            check_refittable(model, self.space)
 
     def _verified_space(self, model: nn.Module) -> PruningSpace:
         """The task's pruning space, checked by masking equivalence; with

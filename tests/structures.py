@@ -4,8 +4,8 @@ Each model takes a 1x16x16 input and has 10 outputs. They are written here, smal
 exercise the channel-pruning engine (issue 13): concatenation (DenseNet, Inception), grouped
 convolutions (ResNeXt, RegNet with squeeze-excite), non-module parameters with LayerNorm
 (ConvNeXt), a convolutional classifier (SqueezeNet), squeeze-excite with hard-sigmoid
-(MobileNetV3), GroupNorm, a split (``torch.chunk``) and a channel shuffle (ShuffleNet), which the
-tracer maps wrongly and the engine must refuse.
+(MobileNetV3), GroupNorm, transposed convolutions (U-Net), a split (``torch.chunk``) and a
+channel shuffle (ShuffleNet), which the tracer maps wrongly and the engine must refuse.
 """
 
 from __future__ import annotations
@@ -298,6 +298,28 @@ class ShuffleNetTiny(nn.Module):
         return self.head(x)
 
 
+# ------------------------------------------------------------------ transposed convolutions
+class UNetTiny(nn.Module):
+    """An encoder-decoder (U-Net, autoencoders, segmentation heads): transposed convolutions
+    upsample (one with output padding and a bias, one depthwise), and the decoder concatenates
+    the encoder's skip connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = _cbr(1, 8)
+        self.down = _cbr(8, 16, stride=2)
+        self.up = nn.ConvTranspose2d(16, 12, 3, stride=2, padding=1, output_padding=1)
+        self.up_norm = nn.BatchNorm2d(12)
+        self.smooth = nn.ConvTranspose2d(12, 12, 3, padding=1, groups=12, bias=False)
+        self.fuse = _cbr(12 + 8, 8)
+        self.head = _Head(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.enc(x)
+        u = self.smooth(F.relu(self.up_norm(self.up(self.down(skip)))))
+        return self.head(self.fuse(torch.cat([u, skip], 1)))
+
+
 class RecurrentNet(nn.Module):
     """A conv branch beside a GRU over the image rows: torch-pruning 1.6.1 fails (IndexError)
     mapping the channels of the linear layer that feeds the GRU."""
@@ -360,6 +382,7 @@ STRUCTURES: dict[str, Callable[[], nn.Module]] = {
     "squeezenet": SqueezeNetTiny,
     "mobilenetv3": MobileNetV3Tiny,
     "groupnorm": GroupNormNet,
+    "unet": UNetTiny,
 }
 """Structures the engine must prune correctly."""
 

@@ -275,7 +275,7 @@ def test_a_repair_that_overshoots_steps_back_up_towards_the_limit(default_task):
     least_pruned = max(met)
     new_vec = task.ratio_vector(result.best.ratios)
     assert _table(task, new_vec) == pytest.approx(least_pruned[0])
-    assert summary["measured"] == pytest.approx(least_pruned[1]) and 0.57 <= summary["measured"]
+    assert summary["measured"] == pytest.approx(least_pruned[1]) and summary["measured"] >= 0.57
     assert summary["timed"] == len(tables) and evaluate.calls == 1  # only the returned one
 
 
