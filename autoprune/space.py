@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning.dependency.index_mapping import _SplitIndexMapping, update_index_mapping
 
 from autoprune.costs import measure_macs
 from autoprune.surgery import CONVS, LAYERS, NORMS, TRANSPOSED, norm_channels
@@ -250,13 +251,86 @@ def _trace(model: nn.Module, example: torch.Tensor) -> Any:
     unbatched sample."""
     example = example.detach().clone().requires_grad_(True)
     try:
-        return tp.DependencyGraph().build_dependency(model, (example,), verbose=False)
+        graph = tp.DependencyGraph().build_dependency(model, (example,), verbose=False)
     except Exception as exc:  # the tracer's own failures (e.g. ZeroDivisionError on shuffles)
         raise SpaceError(
             f"channel pruning cannot trace {type(model).__name__} "
             f"({type(exc).__name__}: {exc}); use granularity 'fine' or 'nm', which need no "
             "tracing"
         ) from exc
+    _fix_split_mappings(graph)
+    return graph
+
+
+def _split_sizes(grad_fn: Any) -> list[int] | None:
+    """The sizes of the pieces a ``torch.split`` / ``chunk`` along the channels of a feature
+    map (dim 1 of a tensor with positions: (N, C, L), (N, C, H, W), ...) cut, or None; splits
+    of (N, features) tensors, as recurrent cells split their gates, are left to the library."""
+    shape = getattr(grad_fn, "_saved_self_sym_sizes", None)
+    if getattr(grad_fn, "_saved_dim", None) != 1 or shape is None or len(shape) < 3:
+        return None
+    sizes = getattr(grad_fn, "_saved_split_sizes", None)
+    if sizes is not None:
+        return [int(v) for v in sizes]
+    size = getattr(grad_fn, "_saved_split_size", None)
+    if size is None:
+        return None
+    total, size = int(shape[1]), int(size)
+    return [min(size, total - start) for start in range(0, total, size)]
+
+
+def _fix_split_mappings(graph: Any) -> None:
+    """Map each consumer of a ``torch.split`` / ``chunk`` along the channels to its own piece.
+
+    torch-pruning 1.6.1 gives the i-th consumer it traced (in an order that follows the graph
+    backwards from the output) the i-th piece, so a split whose second piece is traced first
+    hands the two halves to the wrong consumers. Autograd records which piece each consumer
+    reads (the output number of its edge to the split), and the offsets are set from that, in
+    both directions. A split this cannot map exactly (a piece read through a path autograd
+    does not show) keeps the library's mapping; the build-time equivalence check judges it."""
+    split = tp.ops.OPTYPE.SPLIT
+    nodes = [n for n in graph.module2node.values() if n.type == split and n.enable_index_mapping]
+    nodes = [n for n in nodes if getattr(n.module, "offsets", None) is not None]  # along dim 1
+    pieces = {id(n): _split_sizes(n.grad_fn) for n in nodes}
+    equal = {id(n): p[0] for n in nodes if (p := pieces[id(n)]) and len(set(p)) == 1}
+    if equal:  # a chunk's piece sizes, which the library infers wrongly from its consumers
+        for node in nodes:
+            if id(node) in equal:
+                node.module.split_sizes = [equal[id(node)]] * len(node.outputs)
+        for node in graph.module2node.values():  # concatenations of pieces: sizes again
+            if node.type == tp.ops.OPTYPE.CONCAT:
+                node.module.concat_sizes = None
+        update_index_mapping(graph)
+    for node in nodes:
+        sizes = pieces[id(node)]
+        if sizes is None:
+            continue
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+
+        def read_by(consumer: Any, grad_fn: Any = node.grad_fn) -> list[int]:
+            fns = getattr(consumer.grad_fn, "next_functions", ())
+            return [int(nr) for fn, nr in fns if fn is grad_fn]
+
+        consumers = list(dict.fromkeys(node.outputs))
+        read = {id(c): read_by(c) for c in consumers}
+        if any(len(read[id(c)]) != node.outputs.count(c) for c in consumers):
+            continue
+        if any(nr >= len(sizes) for nrs in read.values() for nr in nrs):
+            continue
+        forward = node.dependencies[len(node.inputs) :]  # one per entry of node.outputs
+        seen: dict[int, int] = {}
+        for dep, out in zip(forward, node.outputs, strict=True):
+            k = seen.get(id(out), 0)
+            seen[id(out)] = k + 1
+            nr = read[id(out)][k]
+            dep.index_mapping[0] = _SplitIndexMapping(offsets[nr : nr + 2], reverse=False)
+        for out in consumers:
+            back = [
+                d for d in out.dependencies[: len(out.inputs)] if d.target is node
+            ]  # one per edge to the split, in the order of the consumer's inputs
+            for dep, nr in zip(back, read[id(out)], strict=True):
+                dep.index_mapping[0] = _SplitIndexMapping(offsets[nr : nr + 2], reverse=True)
+        node.enable_index_mapping = False  # the library re-maps before every group otherwise
 
 
 _ROOTS = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)  # the layer types torch-pruning roots groups at
@@ -337,17 +411,37 @@ def _layer_cut(module: nn.Module, op: str) -> tuple[str, int] | str:
     return f"{type(module).__name__} layers are not supported by channel surgery"
 
 
+def _pieces(item: Any) -> np.ndarray | None:
+    """For a group item that reaches a split along the channels (``torch.chunk`` / ``split``):
+    which piece each of its root channels falls in (indexed like ``item.root_idxs``)."""
+    node = item.dep.target
+    if node.type != tp.ops.OPTYPE.SPLIT or item.dep.handler.__name__ != "prune_out_channels":
+        return None
+    sizes = _split_sizes(node.grad_fn)
+    if sizes is None:
+        return None
+    offsets = np.cumsum(sizes)
+    return np.searchsorted(offsets, np.asarray(item.idxs, dtype=np.int64), side="right")
+
+
 def _members(
     group: Any, names: Mapping[int, str], params: Mapping[int, str], modules: Mapping[str, Any]
-) -> tuple[list[Member], list[str]]:
-    """The layers of one dependency group, merged per (layer, operation), and any problems."""
+) -> tuple[list[Member], list[str], list[np.ndarray]]:
+    """The layers of one dependency group, merged per (layer, operation), any problems, and
+    for each split the group's channels reach, the piece of every root channel of the unit
+    (-1 where a root channel does not reach it)."""
     merged: dict[tuple[str, str], Member] = {}
     problems: list[str] = []
+    reached: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # split -> (roots, pieces)
     for item in group.items:
         target = item.dep.target.module
         op = "out" if item.dep.handler.__name__ == "prune_out_channels" else "in"
         idxs = np.asarray(item.idxs, dtype=np.int64)
         roots = np.asarray(item.root_idxs, dtype=np.int64)
+        pieces = _pieces(item)
+        if pieces is not None:  # reached once per path (e.g. a piece read again by a concat)
+            reached.setdefault(id(item.dep.target), []).append((roots, pieces))
+            continue
         if isinstance(target, nn.Parameter) and id(target) in params:
             key = params[id(target)]
             cut: tuple[str, int] | str = ("param", 0)
@@ -370,17 +464,36 @@ def _members(
             old.idxs, old.root_idxs = pairs[0], pairs[1]
         else:
             merged[(key, member.op)] = member
-    return list(merged.values()), problems
+    splits = []
+    for paths in reached.values():
+        roots = np.concatenate([r for r, _ in paths])
+        label = np.full(int(roots.max()) + 1 if len(roots) else 0, -1, dtype=np.int64)
+        label[roots] = np.concatenate([p for _, p in paths])
+        splits.append(label)
+    return list(merged.values()), problems, splits
 
 
-def _cells(unit: Unit, members: list[Member]) -> tuple[np.ndarray | None, list[str]]:
-    """Cells of a unit feeding grouped layers: root channels that share a group in every grouped
-    member. Removing the same count from every cell keeps every group the same size."""
+def _cells(
+    unit: Unit, members: list[Member], splits: Sequence[np.ndarray] = ()
+) -> tuple[np.ndarray | None, list[str]]:
+    """Cells of a unit feeding grouped layers or split into pieces (``torch.chunk``): root
+    channels that share a group in every grouped member and a piece in every split. Removing
+    the same count from every cell keeps every group, and every piece, the same size (a chunk
+    of the pruned tensor then cuts it where the pruned pieces meet)."""
     grouped = [m for m in members if m.group_size > 0]
-    if not grouped:
+    if not grouped and not splits:
         return None, []
     labels = np.zeros(unit.size, dtype=np.int64)
     problems = []
+    for piece in splits:
+        if len(piece) != unit.size or (piece < 0).any():
+            problems.append("split into pieces that take only part of its channels")
+            continue
+        counts = np.bincount(piece)
+        if (counts != counts[0]).any():
+            problems.append(f"split into pieces of unequal sizes {counts.tolist()}")
+            continue
+        labels = labels * len(counts) + piece
     for m in grouped:
         one_to_one = len(np.unique(m.idxs)) == len(m.idxs) == len(np.unique(m.root_idxs))
         if not one_to_one or len(m.idxs) != unit.size:
@@ -482,13 +595,13 @@ class PruningSpace:
             if isinstance(group, str):  # torch-pruning failed to map this layer's dependencies
                 problems[root_name] = [group]
                 continue
-            members, issues = _members(group, names, params, modules)
+            members, issues, splits = _members(group, names, params, modules)
             outs = [m.module for m in members if m.is_out and m.module in self.layers]
             if not outs:
                 continue
             root = min(outs, key=order.__getitem__)
             unit = self._channel_unit(root, members)
-            cells, why = _cells(unit, members)
+            cells, why = _cells(unit, members, splits)
             issues += why
             if issues:
                 problems[root] = issues
@@ -679,7 +792,10 @@ class PruningSpace:
         vi = {n: i for i, n in enumerate(vectors)}
         for u in self.units:
             for m in u.members:
-                mult = len(m.idxs) / max(1, len(np.unique(m.root_idxs)))
+                # channels of the layer one removed root channel takes away: H*W behind a
+                # flatten; a piece of a split (covering part of the unit, which loses the same
+                # count in every piece) its share
+                mult = len(m.idxs) / u.size
                 if m.module in li:
                     if m.op in ("out", "dw"):
                         self._a_out[li[m.module], u.index] += mult

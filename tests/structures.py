@@ -4,8 +4,9 @@ Each model takes a 1x16x16 input and has 10 outputs. They are written here, smal
 exercise the channel-pruning engine (issue 13): concatenation (DenseNet, Inception), grouped
 convolutions (ResNeXt, RegNet with squeeze-excite), non-module parameters with LayerNorm
 (ConvNeXt), a convolutional classifier (SqueezeNet), squeeze-excite with hard-sigmoid
-(MobileNetV3), GroupNorm, transposed convolutions (U-Net), a split (``torch.chunk``) and a
-channel shuffle (ShuffleNet), which the tracer maps wrongly and the engine must refuse.
+(MobileNetV3), GroupNorm, transposed convolutions (U-Net), chunks feeding different branches
+(CSP / C2f), and structures the engine must refuse: a channel shuffle (ShuffleNet), a gated unit
+over a chunk's halves, a split at fixed sizes.
 """
 
 from __future__ import annotations
@@ -267,7 +268,9 @@ class GroupNormNet(nn.Module):
 
 
 class SplitNet(nn.Module):
-    """One conv's output split in two halves (``torch.chunk``), each feeding its own branch."""
+    """One conv's output split in two halves (``torch.chunk``), each feeding its own branch,
+    the second half traced first (torch-pruning 1.6.1 swaps the halves; autoprune maps them by
+    the piece each branch reads, and every half loses the same count)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -278,6 +281,54 @@ class SplitNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = torch.chunk(self.conv1(x), 2, dim=1)
+        return self.head(torch.cat([self.left(a), self.right(b)], 1))
+
+
+class CSPTiny(nn.Module):
+    """A CSP / C2f block (YOLOv8): a 1x1 conv chunked in two, bottlenecks on the second half,
+    every piece concatenated (the halves are read twice: by the bottleneck and the concat)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cv1 = _cbr(1, 16, 1)
+        self.m = nn.ModuleList([_cbr(8, 8), _cbr(8, 8)])
+        self.cv2 = _cbr(32, 16, 1)
+        self.head = _Head(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.head(self.cv2(torch.cat(y, 1)))
+
+
+class GatedNet(nn.Module):
+    """A gated linear unit over channels (``a * sigmoid(b)`` of one conv's two halves): the
+    halves must lose the same positions, which channel pruning cannot tie; refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 16, 3, padding=1)
+        self.post = _cbr(8, 8)
+        self.head = _Head(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.conv(x).chunk(2, 1)
+        return self.head(self.post(a * torch.sigmoid(b)))
+
+
+class FixedSplitNet(nn.Module):
+    """``torch.split`` at sizes written in the forward pass (6 and 10): a pruned tensor would be
+    split at the old sizes; refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = _cbr(1, 16)
+        self.left = _cbr(6, 8)
+        self.right = _cbr(10, 8)
+        self.head = _Head(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.split(self.conv(x), [6, 10], 1)
         return self.head(torch.cat([self.left(a), self.right(b)], 1))
 
 
@@ -383,13 +434,19 @@ STRUCTURES: dict[str, Callable[[], nn.Module]] = {
     "mobilenetv3": MobileNetV3Tiny,
     "groupnorm": GroupNormNet,
     "unet": UNetTiny,
+    "split": SplitNet,
+    "csp": CSPTiny,
 }
 """Structures the engine must prune correctly."""
 
-REFUSED: dict[str, Callable[[], nn.Module]] = {"shufflenet": ShuffleNetTiny, "split": SplitNet}
-"""Structures the engine must refuse at build time: the tracer maps their channels wrongly
-(torch-pruning 1.6.1 follows a shuffle as if it were the identity, and hands the two halves of a
-``torch.chunk`` to the wrong consumers), which the build-time equivalence check catches."""
+REFUSED: dict[str, Callable[[], nn.Module]] = {
+    "shufflenet": ShuffleNetTiny,
+    "gated": GatedNet,
+    "fixed_split": FixedSplitNet,
+}
+"""Structures the engine must refuse at build time: a channel shuffle (torch-pruning 1.6.1
+follows it as if it were the identity), the two halves of a chunk multiplied together, a split
+at sizes fixed in the forward pass."""
 
 
 PARTLY: dict[str, Callable[[], nn.Module]] = {"recurrent": RecurrentNet, "vit": TinyViT}
