@@ -55,7 +55,7 @@ JOURNAL_DIR = Path(".autoprune") / "journal"
 log = logging.getLogger(__name__)
 
 DEFAULT_EVALUATIONS = 300  # ddpg / random when search.evaluations is not given
-LATENCY_CHECK = 4  # timings of a latency search's policy on the clock (search.latency_check)
+LATENCY_CHECK = 4  # policies timed on the clock after a latency search (search.latency_check)
 
 
 class SearchConfig(_Strict):
@@ -97,7 +97,7 @@ class SearchConfig(_Strict):
         description=(
             "Latency budgets are searched against a lookup table: after each search, time its "
             "policy on this machine and, when it misses the limit, prune it further to the "
-            "table limit the timing says meets it; at most this many timings (0: trust the "
+            "table limit the timing says meets it; at most this many policies timed (0: trust the "
             "table)."
         ),
     )
@@ -434,9 +434,11 @@ def check_latency_on_clock(
     if it meets the limit it stays. Otherwise the best policy is projected again (more pruning,
     every unit the same fraction of the way to its maximum, as searches project) onto a tighter
     table limit, the one the timings so far say measures 2% under the limit
-    (:func:`_table_target`), and timed; up to ``count`` timings in all. A projection that meets
-    the limit with more than twice the margin to spare pruned too much: the remaining timings
-    step back up between it and the closest miss (:func:`_bracket_target`). The least pruned
+    (:func:`_table_target`), and timed; up to ``count`` policies in all. A policy that meets
+    the limit by less than the margin is timed twice and judged by the slower timing. A
+    projection that meets the limit with more than twice the margin to spare pruned too much:
+    the remaining timings step back up between it and the closest miss
+    (:func:`_bracket_target`). The least pruned
     projection that met the limit on the clock is evaluated like any policy (``evaluate``,
     default a fresh :class:`~autoprune.evaluate.Evaluator`) and becomes ``result.best``. When
     none does, or the tighter limit is out of reach, the best stays and the summary says it
@@ -444,8 +446,8 @@ def check_latency_on_clock(
 
     Returns None where there is nothing to check (no latency limit, ``count`` 0, no policy);
     else ``limit``, ``measured`` and ``table`` (latency ratios of the returned policy), ``met``,
-    ``replaced``, ``timed`` (policies timed), ``searched_measured`` and ``searched_table`` (the
-    search's own best).
+    ``replaced``, ``timed`` (policies timed), ``timings`` (timings taken), ``searched_measured``
+    and ``searched_table`` (the search's own best).
     """
     limit = budget.limits.get("latency")
     best = result.best
@@ -461,9 +463,22 @@ def check_latency_on_clock(
 
     vec = task.ratio_vector(best.ratios)
     searched_table = float(best.latency_ratio) if best.latency_ratio is not None else table(vec)
-    first = timer(task, [vec])[0]
-    points = [(searched_table, first)]  # (table ratio, measured ratio) of each policy timed
     aim = limit * (1 - LATENCY_CHECK_MARGIN)
+    timings = 0
+
+    def clock(policy: np.ndarray) -> float:
+        """The policy's measured ratio; one that meets the limit by less than the margin is
+        timed again and judged by the slower timing (timings vary by 1-2%)."""
+        nonlocal timings
+        measured = timer(task, [policy])[0]
+        timings += 1
+        if measured > aim * (1 + 1e-6) and meets(measured):
+            measured = max(measured, timer(task, [policy])[0])
+            timings += 1
+        return float(measured)
+
+    first = clock(vec)
+    points = [(searched_table, first)]  # (table ratio, measured ratio) of each policy timed
     close = limit * (1 - 2 * LATENCY_CHECK_MARGIN)  # a repair measuring this much or more is kept
     hit: tuple[float, float, np.ndarray, float] | None = None  # target, table, policy, measured
     while not meets(first) and len(points) < count:
@@ -484,7 +499,7 @@ def check_latency_on_clock(
         predicted = table(candidate)
         if not tighter.met_by(task.cost_ratios(candidate, tighter.metrics)):
             break  # the tighter limit is out of this model's reach
-        points.append((predicted, timer(task, [candidate])[0]))
+        points.append((predicted, clock(candidate)))
         if meets(points[-1][1]) and (hit is None or predicted > hit[1]):
             hit = (target, predicted, candidate, points[-1][1])  # the least pruning that meets
     chosen, measured, chosen_table = best, first, searched_table
@@ -502,7 +517,7 @@ def check_latency_on_clock(
     summary = {
         "limit": float(limit), "measured": float(measured), "table": chosen_table,
         "met": meets(measured), "replaced": chosen is not best, "timed": timed,
-        "searched_measured": float(first), "searched_table": searched_table,
+        "timings": timings, "searched_measured": float(first), "searched_table": searched_table,
     }  # fmt: skip
     result.info["latency_check"] = summary
     return summary
@@ -723,6 +738,7 @@ def _conclude(
         metrics.update(
             best_latency_measured=clock["measured"], best_latency_table=clock["table"],
             latency_check_met=float(clock["met"]), latency_check_timed=clock["timed"],
+            latency_check_timings=clock["timings"],
         )  # fmt: skip
         policy.metrics["latency_measured"] = clock["measured"]
     # The policy judged like every policy (search split, adaptive BN, dense weights): the one
