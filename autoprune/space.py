@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning.dependency import index_mapping as _index_mapping
 from torch_pruning.dependency.index_mapping import _SplitIndexMapping, update_index_mapping
 
 from autoprune.costs import measure_macs
@@ -332,6 +333,28 @@ def _fix_split_mappings(graph: Any) -> None:
                 dep.index_mapping[0] = _SplitIndexMapping(offsets[nr : nr + 2], reverse=True)
         node.enable_index_mapping = False  # the library re-maps before every group otherwise
 
+
+def _tolerant_reshape_mapping(update: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+    """torch-pruning 1.6.1's reshape mapping divides by a channel count it infers as 0 on some
+    reshapes (ShuffleNetV2's channel shuffle), which fails the whole trace. Such a reshape is
+    left unmapped instead: the units it touches are then mapped wrongly, which the build-time
+    equivalence check refuses (``ignore_unsupported`` keeps the rest of the model searchable)."""
+    if getattr(update, "autoprune_tolerant", False):
+        return update
+
+    def tolerant(graph: Any, node: Any) -> None:
+        try:
+            update(graph, node)
+        except ZeroDivisionError:
+            return
+
+    tolerant.autoprune_tolerant = True  # type: ignore[attr-defined]
+    return tolerant
+
+
+_index_mapping.update_reshape_index_mapping = _tolerant_reshape_mapping(
+    _index_mapping.update_reshape_index_mapping
+)
 
 _ROOTS = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)  # the layer types torch-pruning roots groups at
 

@@ -371,6 +371,51 @@ class UNetTiny(nn.Module):
         return self.head(self.fuse(torch.cat([u, skip], 1)))
 
 
+def _shuffle(x: torch.Tensor, groups: int = 2) -> torch.Tensor:
+    n, c, h, w = x.size()
+    x = torch.transpose(x.view(n, groups, c // groups, h, w), 1, 2).contiguous()
+    return x.view(n, -1, h, w)
+
+
+class _ShuffleUnit(nn.Module):
+    """ShuffleNetV2's unit: stride 1 chunks its input (half passes, half through the branch),
+    stride 2 runs two branches on the whole input; both end in a channel shuffle."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.stride, mid = stride, cout // 2
+        if stride == 2:
+            self.branch1 = nn.Sequential(_cbr(cin, cin, 3, 2, groups=cin), _cbr(cin, mid, 1))
+        self.branch2 = nn.Sequential(
+            _cbr(cin if stride == 2 else mid, mid, 1), _cbr(mid, mid, 3, stride, groups=mid),
+            _cbr(mid, mid, 1),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            return _shuffle(torch.cat((x1, self.branch2(x2)), 1))
+        return _shuffle(torch.cat((self.branch1(x), self.branch2(x)), 1))
+
+
+class ShuffleNetV2Tiny(nn.Module):
+    """ShuffleNetV2's layout (a stage of one downsampling unit and three chunked ones): the
+    tracer of torch-pruning 1.6.1 divides by zero on its shuffles; autoprune leaves those
+    reshapes unmapped, refuses the units that cross a shuffle, and prunes the branches' inner
+    widths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _cbr(1, 8, stride=2)
+        units = [_ShuffleUnit(8, 16, 2), *(_ShuffleUnit(16, 16, 1) for _ in range(3))]
+        self.stage = nn.Sequential(*units)
+        self.conv5 = _cbr(16, 24, 1)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv5(self.stage(self.stem(x))).mean((2, 3)))
+
+
 class RecurrentNet(nn.Module):
     """A conv branch beside a GRU over the image rows: torch-pruning 1.6.1 fails (IndexError)
     mapping the channels of the linear layer that feeds the GRU."""
@@ -449,7 +494,11 @@ follows it as if it were the identity), the two halves of a chunk multiplied tog
 at sizes fixed in the forward pass."""
 
 
-PARTLY: dict[str, Callable[[], nn.Module]] = {"recurrent": RecurrentNet, "vit": TinyViT}
+PARTLY: dict[str, Callable[[], nn.Module]] = {
+    "recurrent": RecurrentNet,
+    "vit": TinyViT,
+    "shufflenetv2": ShuffleNetV2Tiny,
+}
 """Models where channel pruning refuses some units and can prune the others
 (``ignore_unsupported``)."""
 
