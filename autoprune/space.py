@@ -401,19 +401,14 @@ _GROUPED_WHY = "(the same channels must be removed in every group)"
 
 def _layer_cut(module: nn.Module, op: str) -> tuple[str, int] | str:
     """(surgery operation, group size) of a traced layer, or why it cannot be cut correctly."""
-    if isinstance(module, TRANSPOSED):
+    if isinstance(module, (*CONVS, *TRANSPOSED)):
         g = module.groups
         if g == 1:
             return op, 0
         if g == module.in_channels == module.out_channels:
             return "dw", 0
-        return "grouped transposed convolution (only groups 1 and depthwise are cut)"
-    if isinstance(module, CONVS):
-        g = module.groups
-        if g == 1:
-            return op, 0
-        if g == module.in_channels == module.out_channels:
-            return "dw", 0
+        if isinstance(module, TRANSPOSED):
+            return "grouped transposed convolution (only groups 1 and depthwise are cut)"
         if g == module.out_channels:
             return f"grouped conv with groups == out_channels != in_channels {_GROUPED_WHY}"
         size = (module.out_channels if op == "out" else module.in_channels) // g
