@@ -13,6 +13,8 @@ costs; issue 2: trace once per task, not once per policy).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch_pruning.dependency import index_mapping as _index_mapping
 from torch_pruning.dependency.index_mapping import _SplitIndexMapping, update_index_mapping
 
@@ -356,6 +359,77 @@ _index_mapping.update_reshape_index_mapping = _tolerant_reshape_mapping(
     _index_mapping.update_reshape_index_mapping
 )
 
+
+class _Largest(TorchFunctionMode):
+    """Records the largest tensor (elements per sample) any torch operation returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor) and t.dim() > 0:
+                self.numel = max(self.numel, t.numel() // max(1, int(t.shape[0])))
+        return out
+
+
+def _largest_tensor(model: nn.Module, example: torch.Tensor) -> int:
+    """The number of elements per sample of the largest tensor in the model's forward pass."""
+    mode = _Largest()
+    with torch.no_grad(), mode:
+        model(example)
+    return max(mode.numel, int(example[0].numel()))
+
+
+class _IndexOverflow(RuntimeError):
+    """A flatten's index mapping reached channels that no tensor of the model has."""
+
+
+_INDEX_LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "autoprune_index_limit", default=None
+)
+
+
+@contextlib.contextmanager
+def _index_limit(limit: int) -> Iterator[None]:
+    token = _INDEX_LIMIT.set(limit)
+    try:
+        yield
+    finally:
+        _INDEX_LIMIT.reset(token)
+
+
+def _bounded_flatten(call: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """torch-pruning 1.6.1 maps a channel through a flatten to ``stride`` indices, and on a
+    model that flattens already flattened features (Swin's window partitions) it applies such
+    mappings on top of each other: 1,024 indices become 33 million, and building one group
+    takes minutes and gigabytes before the equivalence check can refuse it. An index past the
+    largest tensor of the forward pass (per sample) cannot be a channel of the model, so such
+    a mapping stops the group at once, and that unit is refused with the reason."""
+    if getattr(call, "autoprune_bounded", False):
+        return call
+
+    def bounded(self: Any, idxs: Any) -> Any:
+        limit = _INDEX_LIMIT.get()
+        if limit is not None and not self.reverse and idxs:
+            reach = (max(i.idx for i in idxs) + 1) * self._stride
+            if reach > limit:
+                raise _IndexOverflow(
+                    f"a flatten maps its channels to index {reach - 1:,}, past the largest "
+                    f"tensor of the forward pass ({limit:,} elements per sample)"
+                )
+        return call(self, idxs)
+
+    bounded.autoprune_bounded = True  # type: ignore[attr-defined]
+    return bounded
+
+
+_index_mapping._FlattenIndexMapping.__call__ = _bounded_flatten(  # type: ignore[method-assign]
+    _index_mapping._FlattenIndexMapping.__call__
+)
+
 _ROOTS = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)  # the layer types torch-pruning roots groups at
 
 
@@ -604,12 +678,15 @@ class PruningSpace:
         order = {n: i for i, (n, _) in enumerate(model.named_modules())}
         modules = dict(model.named_modules())
         graph = _trace(model, example)
+        limit = _largest_tensor(model, example)
         names = {id(m): n for n, m in modules.items()}
         params = {id(p): n for n, p in model.named_parameters()}
         ignored = [modules[n] for n in self.ignored]
         units: list[Unit] = []
         problems: dict[str, list[str]] = {}
-        for root_name, group in _groups(graph, ignored, names):
+        with _index_limit(limit):
+            found = list(_groups(graph, ignored, names))
+        for root_name, group in found:
             if isinstance(group, str):  # torch-pruning failed to map this layer's dependencies
                 problems[root_name] = [group]
                 continue

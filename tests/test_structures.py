@@ -220,6 +220,45 @@ def test_untraceable_model_is_refused_with_a_clear_error(monkeypatch: pytest.Mon
     assert PruningSpace(_Chain(), SHAPE, "fine").names  # the way out needs no tracing
 
 
+class _FlattenHead(nn.Module):
+    """A VGG-style classifier: the last conv's channels reach the linear layer through a
+    flatten, one channel to 16 features (4x4 positions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 6, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(6, 5, 3, stride=2, padding=1)
+        self.fc1 = nn.Linear(5 * 16, 12)
+        self.fc2 = nn.Linear(12, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.c2(torch.relu(self.c1(x)))
+        return self.fc2(torch.relu(self.fc1(torch.relu(x).flatten(1))))
+
+
+def test_flatten_mapping_past_every_tensor_refuses_that_unit_only(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """torch-pruning's flatten mappings, applied on top of each other (Swin), reach indices no
+    tensor has and take minutes and gigabytes; past the largest tensor of the forward pass the
+    unit is refused at once, and a real flatten (5 channels x 16 positions) is not."""
+    import autoprune.space as space_mod
+
+    model = _FlattenHead().eval()
+    assert space_mod._largest_tensor(model, torch.zeros(1, *SHAPE)) == 6 * 8 * 8  # c1's output
+    space = PruningSpace(model, SHAPE, "channel")
+    assert space.names == ["c1", "c2", "fc1"]
+    verify_channel_pruning(model, space)
+    # the same model, with the bound set below the flatten's 80 features: only c2 is refused
+    monkeypatch.setattr(space_mod, "_largest_tensor", lambda *_: 79)
+    with pytest.raises(SpaceError, match=r"unit 'c2'.*_IndexOverflow.*index 79,.*79 elements"):
+        PruningSpace(model, SHAPE, "channel")
+    kept = PruningSpace(model, SHAPE, "channel", ignore=["c2"])
+    assert kept.names == ["c1", "fc1"]
+    verify_channel_pruning(model, kept)
+    assert space_mod._INDEX_LIMIT.get() is None  # the bound holds only while a space is built
+
+
 def test_grouped_conv_shared_by_two_units_is_refused():
     class TwoIntoGroups(nn.Module):
         def __init__(self) -> None:
