@@ -405,7 +405,7 @@ def _bounded_flatten(call: Callable[[Any, Any], Any]) -> Callable[[Any, Any], An
     """torch-pruning 1.6.1 maps a channel through a flatten to ``stride`` indices, and on a
     model that flattens already flattened features (Swin's window partitions) it applies such
     mappings on top of each other: 1,024 indices become 33 million, and building one group
-    takes minutes and gigabytes before the equivalence check can refuse it. An index past the
+    passed 4 GB before the equivalence check could refuse it. An index past the
     largest tensor of the forward pass (per sample) cannot be a channel of the model, so such
     a mapping stops the group at once, and that unit is refused with the reason."""
     if getattr(call, "autoprune_bounded", False):
