@@ -240,7 +240,7 @@ def test_flatten_mapping_past_every_tensor_refuses_that_unit_only(
     monkeypatch: pytest.MonkeyPatch,
 ):
     """torch-pruning's flatten mappings, applied on top of each other (Swin), reach indices no
-    tensor has and take minutes and gigabytes; past the largest tensor of the forward pass the
+    tensor has and grow to gigabytes; past the largest tensor of the forward pass the
     unit is refused at once, and a real flatten (5 channels x 16 positions) is not."""
     import autoprune.space as space_mod
 
