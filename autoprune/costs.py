@@ -248,13 +248,22 @@ def _param_count(module: nn.Module, name: str, param: torch.Tensor, nonzero_only
 # ----------------------------------------------------------------------------- latency
 
 
-def _round_robin(calls: Sequence[Callable[[], Any]], warmup: int, repeats: int) -> list[float]:
+def _round_robin(
+    calls: Sequence[Callable[[], Any]], warmup: int, repeats: int, rerun: bool = False
+) -> list[float]:
     """Median wall seconds of each call, timed in ``repeats`` interleaved rounds (each call once
     per round) after ``warmup`` untimed rounds.
 
     Interleaving spreads a busy spell of a shared machine over all calls alike, so their ratios
     stay right even when the absolute speed drifts during the measurement; the median, not the
     mean, so that a run preempted by another process does not count.
+
+    ``rerun``: each call runs once untimed right before its timed run, so that it is timed warm.
+    Whole models need it: a round of many models evicts each other's kernels from oneDNN's
+    primitive cache (1,024 entries by default), and a model's first pass after the others then
+    pays for re-creating them. Timed one pass each in rounds of 14 models, MobileNetV2's pruned
+    models measured 0.58-0.80 of the dense latency; timed warm, alone or with the dense model
+    only, 0.33-0.43.
     """
     for _ in range(warmup):
         for fn in calls:
@@ -262,6 +271,8 @@ def _round_robin(calls: Sequence[Callable[[], Any]], warmup: int, repeats: int) 
     times: list[list[float]] = [[] for _ in calls]
     for _ in range(repeats):
         for fn, bucket in zip(calls, times, strict=True):
+            if rerun:
+                fn()
             start = time.perf_counter()
             fn()
             bucket.append(time.perf_counter() - start)
@@ -310,7 +321,8 @@ def measure_latencies(
     repeats: int = 50,
 ) -> list[float]:
     """Median wall seconds of one forward pass of each model, all timed in the same interleaved
-    rounds (each model once per round, see :func:`_round_robin`).
+    rounds (each model once per round, timed warm: right after an untimed pass of its own, see
+    :func:`_round_robin`).
 
     The way to compare models, e.g. a pruned model against its dense one: measured one after
     the other, a machine whose speed changes in between (another process starts, a frequency
@@ -327,7 +339,7 @@ def measure_latencies(
         raise ValueError("measure_latencies needs at least one model")
     with _num_threads(threads), ExitStack() as stack:
         runs = [stack.enter_context(_cpu_forward(m, shape, batch_size)) for m in models]
-        return _round_robin(runs, warmup, repeats)
+        return _round_robin(runs, warmup, repeats, rerun=len(runs) > 1)
 
 
 # ----------------------------------------------------------------------------- latency table

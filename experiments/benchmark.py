@@ -80,8 +80,14 @@ LATENCY_REPEATS = 20
 # How a group's latencies were timed (recorded with the group). Groups recorded without it timed
 # each pruned model as its search ended, while the other Ray worker still searched, and the dense
 # model alone before the searches: their ratios are noisy (off by up to 0.05 either way).
-LATENCY_TIMING = "interleaved with the dense model after the group's searches"
-LATENCY_TIMING_VERSION = 2  # recorded as ``latency_timing_version``; older groups lack it
+# Version 2 timed all the group's models after the searches, one pass each per round: a round of
+# 14 models evicts each other's kernels from oneDNN's primitive cache, and the pruned models'
+# ratios came out inflated (MobileNetV2: 0.58-0.80 against 0.33-0.43 timed warm).
+LATENCY_TIMING = (
+    "interleaved with the dense model after the group's searches, each model timed warm (right "
+    "after an untimed pass of its own)"
+)
+LATENCY_TIMING_VERSION = 3  # recorded as ``latency_timing_version``; older groups lack it
 
 
 # ------------------------------------------------------------------ plan
@@ -693,16 +699,25 @@ def _timed_now(record: dict) -> bool:
 
 
 def latency_note(done: list[dict]) -> str:
-    """How the groups' latencies were timed, naming the groups timed the old way."""
-    old = [g["group"] for g in done if not _timed_now(g)]
+    """How the groups' latencies were timed, naming the groups timed the old ways."""
+    old = [g["group"] for g in done if not _timed_now(g) and "latency_timing_version" not in g]
+    cold = [g["group"] for g in done if not _timed_now(g) and "latency_timing_version" in g]
     text = f" Latencies are timed {LATENCY_TIMING}, nothing else running"
-    if not old:
+    if not old and not cold:
         return text + "."
-    return (text + f", except in {', '.join(old)}: there each pruned model was timed as its "
-            "search ended, beside the other worker's search, and the dense model alone before "
-            "the searches, so their latency ratios are noisy (off by up to 0.05 either way in "
-            "the groups timed again; `--retime-latency` times them again where the policies "
-            "are recorded).")  # fmt: skip
+    parts = []
+    if old:
+        parts.append(f"in {', '.join(old)} each pruned model was timed as its search ended, "
+                     "beside the other worker's search, and the dense model alone before the "
+                     "searches, so their latency ratios are noisy (off by up to 0.05 either way "
+                     "in the groups timed again)")  # fmt: skip
+    if cold:
+        parts.append(f"in {', '.join(cold)} every model was timed one pass per round among all "
+                     "the group's models, where each pass pays for re-creating its kernels, so "
+                     "the pruned models' ratios are too high (up to twice the warm ratio on "
+                     "MobileNetV2)")  # fmt: skip
+    return (text + ", except: " + "; ".join(parts) + ". `--retime-latency` times them again "
+            "where the policies are recorded.")  # fmt: skip
 
 
 def missing_note(plan: Plan, done: list[dict]) -> list[str]:
@@ -954,9 +969,9 @@ def _retime_group(
 
 
 def retime_latency(args: argparse.Namespace, plan: Plan) -> int:
-    """Time again the latency of the recorded groups that were timed beside running searches
-    (see ``LATENCY_TIMING``): each group's pruned models with the dense one, interleaved, with
-    nothing else running. Every group is written back as soon as it is timed."""
+    """Time again the latency of the recorded groups that were timed an older way (beside
+    running searches, or cold: see ``LATENCY_TIMING``): each group's pruned models with the
+    dense one, interleaved and warm, with nothing else running. Every group is written back as soon as it is timed."""
     log = args.out / "benchmark_runs.jsonl"
     done = recorded_groups(log, plan)
     if not done:

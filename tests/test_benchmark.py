@@ -178,7 +178,10 @@ def test_tiny_benchmark_tables_plots_runs_and_resume(tmp_path, monkeypatch, caps
     first["rows"][-1]["latency_ms"] = None  # a search that found no policy (no latency)
     log.write_text(json.dumps(first) + "\n" + json.dumps(second) + "\n")
     assert bench.main(_args(tmp_path, plan, "--report-only")) == 0
-    assert "except in resnet20/channel/flops=0.5" in (out / "benchmark.md").read_text()
+    assert (
+        "except: in resnet20/channel/flops=0.5 each pruned model was timed as its search"
+        in (out / "benchmark.md").read_text()
+    )
     capsys.readouterr()
     assert bench.main(_args(tmp_path, plan, "--retime-latency")) == 0
     printed = capsys.readouterr().out
@@ -193,7 +196,7 @@ def test_tiny_benchmark_tables_plots_runs_and_resume(tmp_path, monkeypatch, caps
         assert r["latency_ratio"] == pytest.approx(r["latency_ms"] / again["dense_latency_ms"])
     last = again["rows"][-1]
     assert last["ratios"] is None and last["latency_ms"] is None and last["latency_ratio"] is None
-    assert "except in" not in (out / "benchmark.md").read_text()
+    assert "except:" not in (out / "benchmark.md").read_text()
     assert len(_parents(tmp_path)) == 2  # nothing was searched
     # a policy that is nowhere: the group stays as recorded, and the exit status says so
     del again["latency_timing_version"]
@@ -489,3 +492,17 @@ def test_table_latency_ratios_are_the_tables_prediction_for_the_pruned_models(de
         expected = table.predict_model(task.prune(policy)) / table.predict({})
         assert ratio == pytest.approx(expected, rel=1e-6) and ratio < 1.0
     assert bench.table_ratios(task, "flops=0.5", policies) == [None, None]
+
+
+def test_latency_note_names_groups_timed_the_old_ways():
+    now = {"group": "m/channel/flops=0.5", "latency_timing_version": bench.LATENCY_TIMING_VERSION}
+    beside = {"group": "m/channel/flops=0.25"}  # timed as each search ended
+    cold = {"group": "m/channel/params=0.3", "latency_timing_version": 2}  # one pass per round
+    assert (
+        bench.latency_note([now])
+        == f" Latencies are timed {bench.LATENCY_TIMING}, nothing else running."
+    )
+    note = bench.latency_note([now, beside, cold])
+    assert "in m/channel/flops=0.25 each pruned model was timed as its search ended" in note
+    assert "in m/channel/params=0.3 every model was timed one pass per round" in note
+    assert "flops=0.5" not in note.split("except")[1]

@@ -216,6 +216,39 @@ def test_measure_latencies_times_each_model_in_order() -> None:
         measure_latencies([fast, nn.Linear(3, 2)], (4,), repeats=1)
 
 
+class _ColdAfterOthers(nn.Module):
+    """A model on a made-up clock: a pass costs ``warm`` seconds, ``cold`` when another model
+    ran last (as when other models' kernels evicted its own from a shared cache)."""
+
+    clock = [0.0]
+    last: list[object] = [None]
+
+    def __init__(self, warm: float, cold: float) -> None:
+        super().__init__()
+        self.warm, self.cold = warm, cold
+        self.layer = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.clock[0] += self.warm if self.last[0] is self else self.cold
+        self.last[0] = self
+        return self.layer(x)
+
+
+def test_measure_latencies_times_each_model_warm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interleaved models are timed right after an untimed pass of their own: the cost of
+    coming after another model (kernels evicted) stays out of their ratio."""
+    import autoprune.costs as costs
+
+    monkeypatch.setattr(costs.time, "perf_counter", lambda: _ColdAfterOthers.clock[0])
+    dense, pruned = _ColdAfterOthers(1.0, 1.5), _ColdAfterOthers(0.4, 0.9)
+    times = measure_latencies([dense, pruned], (4,), warmup=1, repeats=5)
+    assert times == pytest.approx([1.0, 0.4])  # the warm ratio 0.4, not the cold 0.6
+    cold = costs._round_robin(
+        [lambda: dense(torch.zeros(1, 4)), lambda: pruned(torch.zeros(1, 4))], 1, 5
+    )
+    assert cold == pytest.approx([1.5, 0.9])  # one pass each per round: every pass cold
+
+
 def test_measure_latency_restores_threads_on_error() -> None:
     torch.set_num_threads(2)
     with pytest.raises(ValueError, match=r"\(8, 8\)"):
