@@ -971,7 +971,8 @@ def _retime_group(
 def retime_latency(args: argparse.Namespace, plan: Plan) -> int:
     """Time again the latency of the recorded groups that were timed an older way (beside
     running searches, or cold: see ``LATENCY_TIMING``): each group's pruned models with the
-    dense one, interleaved and warm, with nothing else running. Every group is written back as soon as it is timed."""
+    dense one, interleaved and warm, with nothing else running. Every group is written back as
+    soon as it is timed."""
     log = args.out / "benchmark_runs.jsonl"
     done = recorded_groups(log, plan)
     if not done:

@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -220,8 +221,8 @@ class _ColdAfterOthers(nn.Module):
     """A model on a made-up clock: a pass costs ``warm`` seconds, ``cold`` when another model
     ran last (as when other models' kernels evicted its own from a shared cache)."""
 
-    clock = [0.0]
-    last: list[object] = [None]
+    clock: ClassVar[list[float]] = [0.0]
+    last: ClassVar[list[object]] = [None]
 
     def __init__(self, warm: float, cold: float) -> None:
         super().__init__()
