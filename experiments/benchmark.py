@@ -39,6 +39,7 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -83,11 +84,13 @@ LATENCY_REPEATS = 20
 # Version 2 timed all the group's models after the searches, one pass each per round: a round of
 # 14 models evicts each other's kernels from oneDNN's primitive cache, and the pruned models'
 # ratios came out inflated (MobileNetV2: 0.58-0.80 against 0.33-0.43 timed warm).
+# Version 3 timed them warm (an untimed pass right before each timed one) in the same rounds:
+# still inflated on MobileNetV2 (0.52-0.66 against 0.33-0.43 in pairs).
 LATENCY_TIMING = (
-    "interleaved with the dense model after the group's searches, each model timed warm (right "
-    "after an untimed pass of its own)"
+    "after the group's searches, each pruned model in a pair with the dense model, interleaved "
+    "and warm"
 )
-LATENCY_TIMING_VERSION = 3  # recorded as ``latency_timing_version``; older groups lack it
+LATENCY_TIMING_VERSION = 4  # recorded as ``latency_timing_version``; older groups lack it
 
 
 # ------------------------------------------------------------------ plan
@@ -364,24 +367,31 @@ def time_group(
     task: Task, budget: str, batch: int, policies: list[dict[str, float] | None]
 ) -> tuple[float, list[dict[str, float | None]]]:
     """The dense model's latency (ms) and, per policy, the latency of the model it prunes to,
-    its ratio to the dense one and the table's ratio (:func:`table_ratios`): all models timed in
-    the same interleaved rounds, with nothing else running (call it after the searches: a model
-    timed beside a running search competes with it for the cores). A None policy (a search
-    that found none) gets None values."""
-    found = [p for p in policies if p is not None]
-    models = [task.model, *(task.prune(p) for p in found)]
-    ms = [1e3 * s for s in time_models(models, task.input_shape, batch)]
-    table = iter(table_ratios(task, budget, found))
-    timed = iter(ms[1:])
+    its ratio to the dense one and the table's ratio (:func:`table_ratios`), with nothing else
+    running (call it after the searches: a model timed beside a running search competes with
+    it for the cores). Each pruned model is timed in a pair with the dense model, interleaved
+    (``dense_pair_ms``: the dense model's timing in that pair; the ratio is of the pair), and
+    the group's dense latency is the median of those: timed together in rounds of all the
+    group's models, pruned MobileNetV2s measured 0.52-0.80 of the dense latency that they
+    measure at 0.33-0.43 alone or in pairs. A None policy (a search that found none) gets None
+    values."""
+    table = iter(table_ratios(task, budget, [p for p in policies if p is not None]))
     out: list[dict[str, float | None]] = []
+    dense: list[float] = []
     for policy in policies:
         if policy is None:
-            out.append({"latency_ms": None, "latency_ratio": None, "latency_table_ratio": None})
-        else:
-            value = next(timed)
-            out.append({"latency_ms": value, "latency_ratio": value / ms[0],
-                        "latency_table_ratio": next(table)})  # fmt: skip
-    return ms[0], out
+            out.append({"latency_ms": None, "latency_ratio": None, "latency_table_ratio": None,
+                        "dense_pair_ms": None})  # fmt: skip
+            continue
+        d, q = (
+            1e3 * s for s in time_models([task.model, task.prune(policy)], task.input_shape, batch)
+        )
+        dense.append(d)
+        out.append({"latency_ms": q, "latency_ratio": q / d, "latency_table_ratio": next(table),
+                    "dense_pair_ms": d})  # fmt: skip
+    if not dense:
+        dense = [1e3 * time_models([task.model], task.input_shape, batch)[0]]
+    return statistics.median(dense), out
 
 
 def _ratios(policy: Any) -> dict[str, float] | None:
@@ -701,9 +711,9 @@ def _timed_now(record: dict) -> bool:
 def latency_note(done: list[dict]) -> str:
     """How the groups' latencies were timed, naming the groups timed the old ways."""
     old = [g["group"] for g in done if not _timed_now(g) and "latency_timing_version" not in g]
-    cold = [g["group"] for g in done if not _timed_now(g) and "latency_timing_version" in g]
+    rounds = [g["group"] for g in done if not _timed_now(g) and "latency_timing_version" in g]
     text = f" Latencies are timed {LATENCY_TIMING}, nothing else running"
-    if not old and not cold:
+    if not old and not rounds:
         return text + "."
     parts = []
     if old:
@@ -711,11 +721,10 @@ def latency_note(done: list[dict]) -> str:
                      "beside the other worker's search, and the dense model alone before the "
                      "searches, so their latency ratios are noisy (off by up to 0.05 either way "
                      "in the groups timed again)")  # fmt: skip
-    if cold:
-        parts.append(f"in {', '.join(cold)} every model was timed one pass per round among all "
-                     "the group's models, where each pass pays for re-creating its kernels, so "
-                     "the pruned models' ratios are too high (up to twice the warm ratio on "
-                     "MobileNetV2)")  # fmt: skip
+    if rounds:
+        parts.append(f"in {', '.join(rounds)} all the group's models were timed together, in "
+                     "rounds of one pass each, which inflates the pruned models' ratios (on "
+                     "MobileNetV2 up to twice their ratio in pairs)")  # fmt: skip
     return (text + ", except: " + "; ".join(parts) + ". `--retime-latency` times them again "
             "where the policies are recorded.")  # fmt: skip
 

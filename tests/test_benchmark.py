@@ -124,7 +124,8 @@ def test_tiny_benchmark_tables_plots_runs_and_resume(tmp_path, monkeypatch, caps
     # once per group); not asserted < 1: odd channel counts can be slower than dense ones
     for g in groups:
         for r in g["rows"]:
-            assert r["latency_ratio"] == pytest.approx(r["latency_ms"] / g["dense_latency_ms"])
+            # each pruned model is timed in a pair with the dense model: the ratio is the pair's
+            assert r["latency_ratio"] == pytest.approx(r["latency_ms"] / r["dense_pair_ms"])
 
     # every search's best policy is recorded (the same as its MLflow run's) and its pruned
     # model timed with the dense one after the searches
@@ -136,15 +137,16 @@ def test_tiny_benchmark_tables_plots_runs_and_resume(tmp_path, monkeypatch, caps
             assert r["ratios"] == pytest.approx(store.best_policy(run_id=r["run_id"])[0]["ratios"])
             assert r["latency_table_ratio"] is None  # FLOPs / params budgets: no table to ask
 
-    # one timing per group, after all its searches, the dense model first, then one pruned model
-    # per search (none kept the dense model: the budget cuts)
-    assert [(len(models), done) for models, done in timings] == [(11, 10), (3, 12)]
+    # one pair per search, after all the group's searches: the dense model, then the search's
+    # pruned model (none kept the dense model: the budget cuts)
+    assert [(len(models), done) for models, done in timings] == [(2, 10)] * 10 + [(2, 12)] * 2
 
     def size(model):
         return sum(p.numel() for p in model.parameters())
 
-    channel_models = timings[0][0]  # the channel group's pruned models are smaller
-    assert all(size(m) < size(channel_models[0]) for m in channel_models[1:])
+    dense = timings[0][0][0]
+    assert all(models[0] is dense for models, _ in timings[:10])
+    assert all(size(models[1]) < size(dense) for models, _ in timings[:10])  # channel: smaller
 
     md = (out / "benchmark.md").read_text()
     assert f"Latencies are timed {bench.LATENCY_TIMING}, nothing else running." in md
@@ -193,7 +195,7 @@ def test_tiny_benchmark_tables_plots_runs_and_resume(tmp_path, monkeypatch, caps
     for r in again["rows"][:-1]:
         assert r["ratios"] == pytest.approx(store.best_policy(run_id=r["run_id"])[0]["ratios"])
         assert 0 < r["latency_ms"] < 1e5 and r["latency_table_ratio"] is None
-        assert r["latency_ratio"] == pytest.approx(r["latency_ms"] / again["dense_latency_ms"])
+        assert r["latency_ratio"] == pytest.approx(r["latency_ms"] / r["dense_pair_ms"])
     last = again["rows"][-1]
     assert last["ratios"] is None and last["latency_ms"] is None and last["latency_ratio"] is None
     assert "except:" not in (out / "benchmark.md").read_text()
@@ -504,5 +506,5 @@ def test_latency_note_names_groups_timed_the_old_ways():
     )
     note = bench.latency_note([now, beside, cold])
     assert "in m/channel/flops=0.25 each pruned model was timed as its search ended" in note
-    assert "in m/channel/params=0.3 every model was timed one pass per round" in note
+    assert "in m/channel/params=0.3 all the group's models were timed together" in note
     assert "flops=0.5" not in note.split("except")[1]
