@@ -29,7 +29,7 @@ from pydantic import Field
 
 from autoprune.budget import Budget
 from autoprune.sensitivity import SensitivityResult, scan
-from autoprune.surgery import CONVS, TRANSPOSED
+from autoprune.engine.surgery import CONVS, TRANSPOSED
 from autoprune.task import Task
 
 CostFn = Callable[[np.ndarray], Mapping[str, float]]

@@ -30,11 +30,11 @@ from pydantic import Field
 from torch import nn
 
 from autoprune.apply import _relative
-from autoprune.criteria import CriterionContext, compute_scores
+from autoprune.engine.criteria import CriterionContext, compute_scores
 from autoprune.evaluate import Evaluation
 from autoprune.parallel import policy_text
-from autoprune.pruning import Ranking, prune_model
-from autoprune.space import PruningSpace
+from autoprune.engine.pruning import Ranking, prune_model
+from autoprune.engine.space import PruningSpace
 from autoprune.task import CRITERION_SAMPLES, Task
 from autoprune.training import fine_tune
 

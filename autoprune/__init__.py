@@ -36,8 +36,8 @@ _EXPORTS = {
     "PolicyError": "autoprune.policy",
     "SensitivityResult": "autoprune.sensitivity",
     "scan": "autoprune.sensitivity",
-    "PruningSpace": "autoprune.space",
-    "SpaceError": "autoprune.space",
+    "PruningSpace": "autoprune.engine.space",
+    "SpaceError": "autoprune.engine.space",
     "Task": "autoprune.task",
     "build_task": "autoprune.task",
 }
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from autoprune.evaluate import Evaluation, Evaluator
     from autoprune.policy import Policy, PolicyError
     from autoprune.sensitivity import SensitivityResult, scan
-    from autoprune.space import PruningSpace, SpaceError
+    from autoprune.engine.space import PruningSpace, SpaceError
     from autoprune.task import Task, build_task
 
 

@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 from autoprune.budget import Budget
-from autoprune.costs import count_params, measure_latencies, measure_latency, measure_macs
-from autoprune.criteria import CriterionContext, compute_scores
+from autoprune.costs.measure import count_params, measure_latencies, measure_latency, measure_macs
+from autoprune.engine.criteria import CriterionContext, compute_scores
 from autoprune.models import ModelError, build_model, state_dict_mismatch
 from autoprune.models.registry import uncompiled
 from autoprune.policy import Policy
-from autoprune.pruning import Ranking, make_masks_permanent, prune_model, ramp, remove_channels
-from autoprune.space import PruningSpace, SpaceError
+from autoprune.engine.pruning import Ranking, make_masks_permanent, prune_model, ramp, remove_channels
+from autoprune.engine.space import PruningSpace, SpaceError
 from autoprune.task import CRITERION_SAMPLES, Task
 from autoprune.training import fine_tune
 
@@ -130,7 +130,7 @@ def latency_ratios(
 
     Timed like the task's latency table and budget (CPU, one thread, ``eval.latency_batch_size``
     samples per forward pass) and interleaved with the dense model in the same rounds (see
-    :func:`autoprune.costs.measure_latencies`), so a machine whose speed drifts skews no ratio.
+    :func:`autoprune.costs.measure.measure_latencies`), so a machine whose speed drifts skews no ratio.
     The models are cut without reconstruction or fine-tuning: channel counts set the latency.
     """
     if not policies:

@@ -262,7 +262,7 @@ class TaskConfig(_Strict):
 
     @model_validator(mode="after")
     def _criterion_fits(self) -> TaskConfig:
-        from autoprune.criteria import get_criterion  # torch: only once a config is checked
+        from autoprune.engine.criteria import get_criterion  # torch: only once a config is checked
 
         get_criterion(self.criterion, self.granularity)  # ValueError names the ones that fit
         return self

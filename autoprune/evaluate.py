@@ -249,7 +249,7 @@ class Evaluator:
         if self.predict_latency:
             result.latency_ratio = self.task.cost_ratios(vec, ("latency",))["latency"]
         if self.measure_latency:
-            from autoprune.costs import measure_latency
+            from autoprune.costs.measure import measure_latency
 
             batch = self.task.config.eval.latency_batch_size
             shape = self.task.input_shape

@@ -13,7 +13,7 @@ from gymnasium import spaces
 
 from autoprune.budget import Budget
 from autoprune.evaluate import Evaluation, Evaluator
-from autoprune.space import UNIT_KINDS
+from autoprune.engine.space import UNIT_KINDS
 from autoprune.task import Task, build_task
 
 FEATURES = (

@@ -2,7 +2,7 @@
 
 For each model of the benchmark plan (its shipped checkpoint, Fashion-MNIST at 28x28, latency at
 batch 64 as the plan's budget), one search at ``--budget`` that trusts the lookup table
-(``latency_check=0``), then :func:`autoprune.experiment.check_latency_on_clock` on its result
+(``latency_check=0``), then :func:`autoprune.runner.experiment.check_latency_on_clock` on its result
 with ``--check`` policies (the default of a search). Both policies, the table's best and the one
 the check returns, are then timed again in a separate, longer interleaved measurement with the
 dense model (median of ``--repeats``: an independent timing, not the check's own), and scored
@@ -30,7 +30,7 @@ import torch
 
 from autoprune.apply import apply_policy, latency_ratios
 from autoprune.budget import Budget
-from autoprune.experiment import LATENCY_CHECK, check_latency_on_clock, run_experiment
+from autoprune.runner.experiment import LATENCY_CHECK, check_latency_on_clock, run_experiment
 
 HERE = Path(__file__).resolve().parent
 

@@ -19,7 +19,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from autoprune.costs import LatencyTable, measure_latency, measure_macs
+from autoprune.costs.measure import LatencyTable, measure_latency, measure_macs
 from autoprune.models import build_model
 
 

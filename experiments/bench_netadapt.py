@@ -21,7 +21,7 @@ import torch
 from autoprune.agents import search
 
 import autoprune as ap
-from autoprune.experiment import test_metrics
+from autoprune.runner.experiment import test_metrics
 
 RESULTS = Path(__file__).resolve().parent / "results" / "netadapt_schedule.json"
 

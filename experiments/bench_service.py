@@ -75,7 +75,7 @@ def finished(url: str, sid: str) -> bool:
 
 
 def search_seconds(folder: Path, sid: str) -> float:
-    from autoprune.tracking import TrackingStore
+    from autoprune.tracking.tracker import TrackingStore
 
     store = TrackingStore(f"sqlite:///{folder}/mlflow.db")
     (child,) = store.child_runs(sid)

@@ -27,11 +27,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from structures import REFUSED, SHAPE, STRUCTURES, build  # noqa: E402
 
-from autoprune.costs import count_params, measure_macs  # noqa: E402
-from autoprune.equivalence import masked_reference, verify_channel_pruning  # noqa: E402
+from autoprune.costs.measure import count_params, measure_macs  # noqa: E402
+from autoprune.engine.equivalence import masked_reference, verify_channel_pruning  # noqa: E402
 from autoprune.models import MODELS, build_model  # noqa: E402
-from autoprune.pruning import Ranking, prune_model  # noqa: E402
-from autoprune.space import PruningSpace, SpaceError  # noqa: E402
+from autoprune.engine.pruning import Ranking, prune_model  # noqa: E402
+from autoprune.engine.space import PruningSpace, SpaceError  # noqa: E402
 
 
 def _model(name: str) -> torch.nn.Module:

@@ -1,7 +1,7 @@
 """The published benchmark: every searcher across models, budgets and granularities (make bench).
 
 For each group (model x granularity x budget) of ``experiments/benchmark.yaml`` it runs one
-experiment (:func:`autoprune.experiment.run_experiment`: searchers x seeds on Ray with all cores,
+experiment (:func:`autoprune.runner.experiment.run_experiment`: searchers x seeds on Ray with all cores,
 recorded in one MLflow experiment) and, for every search, measures the latency of the pruned
 model. Each cell (group x searcher) reports mean and spread (std over seeds) of the best search
 accuracy, the test accuracy of the best policy before and after the same fine-tune, the achieved
@@ -54,17 +54,17 @@ from autoprune.agents import get_searcher
 
 from autoprune.budget import Budget
 from autoprune.config import ConfigError
-from autoprune.costs import measure_latencies
-from autoprune.experiment import (
+from autoprune.costs.measure import measure_latencies
+from autoprune.runner.experiment import (
     ExperimentConfig,
     Hooks,
     Outcome,
     experiment_config,
     run_experiment,
 )
-from autoprune.sweep import mean_std, plot_frontier
+from autoprune.runner.sweep import mean_std, plot_frontier
 from autoprune.task import Task, build_task
-from autoprune.tracking import TrackingError, TrackingStore
+from autoprune.tracking.tracker import TrackingError, TrackingStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import code_revision  # this folder's module

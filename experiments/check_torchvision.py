@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from autoprune.budget import Budget
-from autoprune.costs import count_params, measure_macs
-from autoprune.equivalence import masked_reference, verify_channel_pruning
+from autoprune.costs.measure import count_params, measure_macs
+from autoprune.engine.equivalence import masked_reference, verify_channel_pruning
 from autoprune.models import load_checkpoint
-from autoprune.pruning import Ranking, prune_model
-from autoprune.space import PruningSpace, SpaceError
+from autoprune.engine.pruning import Ranking, prune_model
+from autoprune.engine.space import PruningSpace, SpaceError
 
 ARCHITECTURES = [
     "resnet18", "resnet50", "wide_resnet50_2", "mobilenet_v2", "mobilenet_v3_small",

@@ -39,7 +39,7 @@ def free_port() -> int:
 
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (Linux /proc)."""
-    from autoprune.reaper import descendants as below
+    from autoprune.service.reaper import descendants as below
 
     return below(pid)
 

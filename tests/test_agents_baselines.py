@@ -15,7 +15,7 @@ from autoprune.agents.netadapt import NetAdaptSearcher
 from autoprune.agents.registry import search
 
 import autoprune as ap
-from autoprune.costs import measure_macs
+from autoprune.costs.measure import measure_macs
 from autoprune.sensitivity import SensitivityResult
 from autoprune.task import Task
 
@@ -200,8 +200,8 @@ def test_netadapt_out_of_evaluations_projects(default_task: Task, runs) -> None:
 def test_every_searcher_gets_the_evaluations_it_can_use() -> None:
     """``search.evaluations`` is a budget for ddpg / random, a limit for netadapt / sensitivity;
     uniform and global cannot use one and the launch says so instead of ignoring it."""
-    from autoprune.experiment import DEFAULT_EVALUATIONS, SearchConfig, _evaluations_for
-    from autoprune.experiment import evaluation_notices as notices
+    from autoprune.runner.experiment import DEFAULT_EVALUATIONS, SearchConfig, _evaluations_for
+    from autoprune.runner.experiment import evaluation_notices as notices
 
     names = ["ddpg", "random", "netadapt", "sensitivity", "uniform", "global"]
     unset = SearchConfig(searchers=names)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from experiment_scripts import load
 
-from autoprune.tracking import TrackingStore
+from autoprune.tracking.tracker import TrackingStore
 
 bench = load("benchmark")
 

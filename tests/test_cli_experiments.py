@@ -27,12 +27,12 @@ from typer.testing import CliRunner
 from autoprune.apply import load_pruned
 from autoprune.cli import app
 from autoprune.config import ConfigError
-from autoprune.costs import measure_macs
-from autoprune.experiment import Journal, _recover
+from autoprune.costs.measure import measure_macs
+from autoprune.runner.experiment import Journal, _recover
 from autoprune.models import build_model
 from autoprune.policy import Policy
 from autoprune.task import build_task
-from autoprune.tracking import Tracker, TrackingError, TrackingStore
+from autoprune.tracking.tracker import Tracker, TrackingError, TrackingStore
 from autoprune.training import evaluate_accuracy
 
 BIN = Path(sys.executable).parent
@@ -545,7 +545,7 @@ def test_a_bad_output_path_is_refused_before_the_search(
 )  # fmt: skip
 def test_searcher_preflight_fails_at_config_time(overrides, where, message):
     """Searcher.preflight runs when the config is validated: before any task is built."""
-    from autoprune.experiment import experiment_config
+    from autoprune.runner.experiment import experiment_config
 
     with pytest.raises(ConfigError) as err:
         experiment_config(None, overrides)

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from structures import randomize_norms
 from torch import nn
 
-from autoprune.costs import count_params, measure_macs
-from autoprune.equivalence import TOLERANCE, equivalence_error, verify_channel_pruning
-from autoprune.pruning import Ranking, prune_model
-from autoprune.space import PruningSpace, SpaceError
+from autoprune.costs.measure import count_params, measure_macs
+from autoprune.engine.equivalence import TOLERANCE, equivalence_error, verify_channel_pruning
+from autoprune.engine.pruning import Ranking, prune_model
+from autoprune.engine.space import PruningSpace, SpaceError
 
 torch.set_num_threads(1)
 
@@ -215,7 +215,7 @@ class Chain1d(nn.Module):
 
 
 def test_reconstruction_refits_a_conv1d_consumer_by_least_squares():
-    from autoprune.reconstruct import reconstruct
+    from autoprune.engine.reconstruct import reconstruct
 
     torch.manual_seed(0)
     net = Chain1d().eval()
@@ -244,7 +244,7 @@ def test_reconstruction_refits_a_conv1d_consumer_by_least_squares():
 
 
 def test_reconstruction_refuses_a_conv3d_consumer_clearly():
-    from autoprune.reconstruct import reconstruct
+    from autoprune.engine.reconstruct import reconstruct
 
     torch.manual_seed(0)
     net = Vol3d().eval()

@@ -1,4 +1,4 @@
-"""Tests of autoprune.costs: MACs, parameters, measured latency and the latency lookup table."""
+"""Tests of autoprune.costs.measure: MACs, parameters, measured latency and the latency lookup table."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from autoprune.costs import (
+from autoprune.costs.measure import (
     LatencyTable,
     count_params,
     measure_latencies,
@@ -238,7 +238,7 @@ class _ColdAfterOthers(nn.Module):
 def test_measure_latencies_times_each_model_warm(monkeypatch: pytest.MonkeyPatch) -> None:
     """Interleaved models are timed right after an untimed pass of their own: the cost of
     coming after another model (kernels evicted) stays out of their ratio."""
-    import autoprune.costs as costs
+    import autoprune.costs.measure as costs
 
     monkeypatch.setattr(costs.time, "perf_counter", lambda: _ColdAfterOthers.clock[0])
     dense, pruned = _ColdAfterOthers(1.0, 1.5), _ColdAfterOthers(0.4, 0.9)

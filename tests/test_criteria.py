@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from autoprune.criteria import CRITERIA, CriterionContext, compute_scores, get_criterion
-from autoprune.pruning import Ranking, prune_model
-from autoprune.reconstruct import reconstruct
-from autoprune.space import PruningSpace
+from autoprune.engine.criteria import CRITERIA, CriterionContext, compute_scores, get_criterion
+from autoprune.engine.pruning import Ranking, prune_model
+from autoprune.engine.reconstruct import reconstruct
+from autoprune.engine.space import PruningSpace
 
 WEAK = 2  # the channel each crafted net makes least important
 

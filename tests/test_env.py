@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import autoprune as ap
-from autoprune.costs import count_params, measure_macs
+from autoprune.costs.measure import count_params, measure_macs
 from autoprune.evaluate import Evaluation
 from autoprune.models import MODELS, build_model
 from autoprune.task import Task

@@ -12,7 +12,7 @@ import pytest
 from autoprune.agents.base import Record, SearchResult
 
 from autoprune.interrupts import held
-from autoprune.tracking import SearchLogger
+from autoprune.tracking.tracker import SearchLogger
 
 
 @pytest.fixture(autouse=True)

@@ -13,12 +13,12 @@ import pytest
 from autoprune.agents.base import Record, SearchResult
 
 import autoprune.apply as apply_module
-import autoprune.experiment as experiment_module
+import autoprune.runner.experiment as experiment_module
 from autoprune.budget import Budget
-from autoprune.costs import count_params
+from autoprune.costs.measure import count_params
 from autoprune.evaluate import Evaluation, Evaluator
-from autoprune.experiment import check_latency_on_clock, experiment_config, run_experiment
-from autoprune.tracking import Tracker
+from autoprune.runner.experiment import check_latency_on_clock, experiment_config, run_experiment
+from autoprune.tracking.tracker import Tracker
 
 
 def _linear(task):

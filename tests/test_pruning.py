@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from autoprune.costs import count_params, measure_macs
+from autoprune.costs.measure import count_params, measure_macs
 from autoprune.models import MODELS, build_model
-from autoprune.pruning import Ranking, light_copy, prune_model, ramp
-from autoprune.space import PruningSpace, SpaceError
+from autoprune.engine.pruning import Ranking, light_copy, prune_model, ramp
+from autoprune.engine.space import PruningSpace, SpaceError
 
 ZOO = sorted(MODELS)
 SHAPE = (1, 8, 8)

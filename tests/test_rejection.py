@@ -16,7 +16,7 @@ import torch
 from autoprune.agents.registry import search
 
 from autoprune.evaluate import Evaluator, _FullSplitBound
-from autoprune.experiment import _evaluation
+from autoprune.runner.experiment import _evaluation
 from autoprune.task import Task
 from autoprune.training import evaluate_accuracy, recalibrate_bn
 

@@ -18,8 +18,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import checks
 
-from autoprune.limits import Limits
-from autoprune.service import Settings, create_app
+from autoprune.service.limits import Limits
+from autoprune.service.app import Settings, create_app
 
 TOKEN = "test-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -12,10 +12,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from autoprune.experiment import ExperimentConfig, _resumed_config
-from autoprune.jobs import JobManager
-from autoprune.limits import Limits
-from autoprune.service import Settings, create_app
+from autoprune.runner.experiment import ExperimentConfig, _resumed_config
+from autoprune.service.jobs import JobManager
+from autoprune.service.limits import Limits
+from autoprune.service.app import Settings, create_app
 
 TOKEN = "guard-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -58,7 +58,7 @@ def _asgi(guard, body_bytes: int, headers: dict[str, str], chunk: int = 8192):
 
 
 def test_authentication_and_size_come_before_the_body(tmp_path):
-    from autoprune.guard import RequestGuard
+    from autoprune.service.guard import RequestGuard
 
     reached = []
 
@@ -239,8 +239,8 @@ class _FakeContext:
 def test_resumed_launches_use_the_service_ray_and_leave_no_run_running(tmp_path, monkeypatch):
     import multiprocessing
 
-    from autoprune.experiment import experiment_config
-    from autoprune.tracking import Tracker
+    from autoprune.runner.experiment import experiment_config
+    from autoprune.tracking.tracker import Tracker
 
     seen: list[dict] = []
     monkeypatch.setattr(multiprocessing, "get_context", lambda _kind: _FakeContext(seen))
@@ -299,8 +299,8 @@ class _SilentContext(_FakeContext):
 def _silent_outcome(tmp_path, monkeypatch, exitcode: int) -> tuple[str, str]:
     import multiprocessing
 
-    from autoprune.experiment import experiment_config
-    from autoprune.tracking import Tracker
+    from autoprune.runner.experiment import experiment_config
+    from autoprune.tracking.tracker import Tracker
 
     monkeypatch.setattr(multiprocessing, "get_context", lambda _kind: _SilentContext(exitcode))
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow-{exitcode}.db", "service")
@@ -329,8 +329,8 @@ def test_a_stopped_launch_gets_its_journaled_evaluations_into_mlflow(tmp_path, m
 
     from autoprune.agents.base import Record
 
-    from autoprune.experiment import Journal, experiment_config
-    from autoprune.tracking import Tracker
+    from autoprune.runner.experiment import Journal, experiment_config
+    from autoprune.tracking.tracker import Tracker
 
     monkeypatch.chdir(tmp_path)  # launches share the service's working folder
     monkeypatch.setattr(
@@ -362,9 +362,9 @@ def test_a_cancel_the_launch_missed_is_signalled_again_after_the_grace(tmp_path,
     import signal
     import time
 
-    from autoprune import jobs as jobs_module
-    from autoprune.experiment import experiment_config
-    from autoprune.tracking import Tracker
+    from autoprune.service import jobs as jobs_module
+    from autoprune.runner.experiment import experiment_config
+    from autoprune.tracking.tracker import Tracker
 
     kills: list[int] = []
 
@@ -424,8 +424,8 @@ def test_a_stop_signal_whose_unwind_breaks_is_still_a_stop(monkeypatch):
     import signal
     import time
 
-    from autoprune import jobs as jobs_module
-    from autoprune.experiment import experiment_config
+    from autoprune.service import jobs as jobs_module
+    from autoprune.runner.experiment import experiment_config
 
     def broken_unwind(cfg, resume, hooks):
         try:
@@ -461,7 +461,7 @@ def test_a_repeated_stop_signal_does_not_cut_the_unwind_short(monkeypatch):
     after the grace (an unwind that hangs) still raises."""
     import signal
 
-    from autoprune import jobs as jobs_module
+    from autoprune.service import jobs as jobs_module
 
     monkeypatch.setattr(jobs_module, "_STOPS", [])
     with pytest.raises(SystemExit):
@@ -507,7 +507,7 @@ def test_processes_a_killed_service_left_are_stopped_on_the_next_start(tmp_path)
     import subprocess
     import sys
 
-    from autoprune import reaper
+    from autoprune.service import reaper
 
     script = tmp_path / "ray" / "agent.py"  # a stand-in for ray::DashboardAgent
     script.parent.mkdir()
@@ -543,7 +543,7 @@ def test_processes_a_killed_service_left_are_stopped_on_the_next_start(tmp_path)
 def test_limits_are_listed_in_serve_help_and_set_by_name():
     from typer.testing import CliRunner
 
-    from autoprune import limits
+    from autoprune.service import limits
     from autoprune.cli import app
 
     shown = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "400"})

@@ -18,16 +18,16 @@ import torch.nn.functional as F
 from structures import PARTLY, REFUSED, SHAPE, STRUCTURES, randomize_norms
 from torch import nn
 
-from autoprune.costs import count_params, measure_macs
-from autoprune.equivalence import (
+from autoprune.costs.measure import count_params, measure_macs
+from autoprune.engine.equivalence import (
     TOLERANCE,
     equivalence_error,
     masked_reference,
     verify_channel_pruning,
 )
 from autoprune.models import MODELS, build_model, load_checkpoint
-from autoprune.pruning import Ranking, prune_model
-from autoprune.space import PruningSpace, SpaceError
+from autoprune.engine.pruning import Ranking, prune_model
+from autoprune.engine.space import PruningSpace, SpaceError
 
 torch.set_num_threads(1)
 
@@ -242,7 +242,7 @@ def test_flatten_mapping_past_every_tensor_refuses_that_unit_only(
     """torch-pruning's flatten mappings, applied on top of each other (Swin), reach indices no
     tensor has and grow to gigabytes; past the largest tensor of the forward pass the
     unit is refused at once, and a real flatten (5 channels x 16 positions) is not."""
-    import autoprune.space as space_mod
+    import autoprune.engine.space as space_mod
 
     model = _FlattenHead().eval()
     assert space_mod._largest_tensor(model, torch.zeros(1, *SHAPE)) == 6 * 8 * 8  # c1's output
@@ -336,8 +336,8 @@ def test_ignore_unsupported_experiment_records_the_units_kept_out(tmp_path: Path
     rebuilds the same space from it."""
     from structures import build
 
-    from autoprune.experiment import experiment_config, run_experiment
-    from autoprune.tracking import TrackingStore
+    from autoprune.runner.experiment import experiment_config, run_experiment
+    from autoprune.tracking.tracker import TrackingStore
 
     torch.save(build(arch="vit").state_dict(), tmp_path / "dense.pt")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -460,7 +460,7 @@ def test_masked_norm_patch_stays_in_its_own_thread():
 
     import torch.nn.functional as F
 
-    from autoprune.equivalence import _masked_functional
+    from autoprune.engine.equivalence import _masked_functional
 
     original = F.layer_norm
     seen: list[torch.Tensor] = []

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from autoprune.cli import app
 from autoprune.config import ConfigError
-from autoprune.experiment import experiment_config
-from autoprune.sweep import frontier_points, plot_frontier, run_sweep, split_budgets
-from autoprune.tracking import TrackingStore
+from autoprune.runner.experiment import experiment_config
+from autoprune.runner.sweep import frontier_points, plot_frontier, run_sweep, split_budgets
+from autoprune.tracking.tracker import TrackingStore
 
 BIN = Path(sys.executable).parent
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -26,8 +26,8 @@ from autoprune.agents.base import Record, SearchResult
 from mlflow.entities import Metric
 
 from autoprune.policy import Policy
-from autoprune.runstore import SqliteRuns, Unsupported, run_reader
-from autoprune.tracking import (
+from autoprune.tracking.runstore import SqliteRuns, Unsupported, run_reader
+from autoprune.tracking.tracker import (
     SearchLogger,
     Tracker,
     TrackingError,

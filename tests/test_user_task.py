@@ -169,7 +169,7 @@ def test_bad_user_input_is_refused_before_any_search():
 
 
 def test_user_task_experiment_is_tracked_in_mlflow(tmp_path: Path):
-    from autoprune.experiment import experiment_config, run_experiment
+    from autoprune.runner.experiment import experiment_config, run_experiment
 
     task = _loader_task(metric=top1_percent)
     cfg = experiment_config(overrides=[

@@ -1,8 +1,8 @@
 """Accuracy-vs-budget sweeps: the same searchers and seeds at several budgets, and the frontier.
 
-:func:`run_sweep` runs one experiment (:func:`autoprune.experiment.run_experiment`) per budget,
+:func:`run_sweep` runs one experiment (:func:`autoprune.runner.experiment.run_experiment`) per budget,
 in the order given, each its own MLflow parent run (with its child runs per searcher and seed)
-in the config's experiment; every parent run is tagged ``autoprune.sweep`` (the sweep's budgets)
+in the config's experiment; every parent run is tagged ``autoprune.runner.sweep`` (the sweep's budgets)
 and ``autoprune.sweep_index``. Every budget is checked before any work: a malformed one is a
 :class:`~autoprune.config.ConfigError` before the task is built, and one the task cannot reach
 is refused once the task is built, before the first run starts. Budgets may use different
@@ -16,8 +16,8 @@ ratio, error bars over seeds, the individual seeds as a faint scatter). Both wor
 row dicts with the keys ``searcher``, ``budget`` and the chosen cost and accuracy keys, so any
 script can plot its own rows.
 
-    from autoprune.experiment import experiment_config
-    from autoprune.sweep import run_sweep
+    from autoprune.runner.experiment import experiment_config
+    from autoprune.runner.sweep import run_sweep
 
     sweep = run_sweep(experiment_config(overrides=["search.searchers=[uniform,random]"]),
                       ["flops=0.75", "flops=0.5", "flops=0.25"])
@@ -37,7 +37,7 @@ import numpy as np
 
 from autoprune.budget import Budget, BudgetError
 from autoprune.config import ConfigError
-from autoprune.experiment import ExperimentConfig, ExperimentResult, Hooks, Outcome, run_experiment
+from autoprune.runner.experiment import ExperimentConfig, ExperimentResult, Hooks, Outcome, run_experiment
 from autoprune.task import Task
 
 COST_LABELS = {
@@ -173,7 +173,7 @@ def run_sweep(
 
 
 def _tag(result: ExperimentResult, tags: dict[str, str]) -> None:
-    from autoprune.tracking import TrackingStore
+    from autoprune.tracking.tracker import TrackingStore
 
     store = TrackingStore(result.tracking_uri)
     for key, value in tags.items():

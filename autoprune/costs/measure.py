@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from autoprune.surgery import LAYERS, TRANSPOSED
+from autoprune.engine.surgery import LAYERS, TRANSPOSED
 
 logger = logging.getLogger(__name__)
 

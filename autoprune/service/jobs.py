@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from autoprune.agents import get_searcher
-from autoprune.experiment import (
+from autoprune.runner.experiment import (
     ExperimentConfig,
     Hooks,
     Journal,
@@ -27,10 +27,10 @@ from autoprune.experiment import (
     run_experiment,
     seeds_for,
 )
-from autoprune.tracking import Tracker
+from autoprune.tracking.tracker import Tracker
 
 if TYPE_CHECKING:
-    from autoprune.service import Settings
+    from autoprune.service.app import Settings
 
 KIND_TAG = "autoprune.service.kind"  # search | comparison
 STATE_TAG = "autoprune.service.state"  # queued | running | finished | failed | cancelled

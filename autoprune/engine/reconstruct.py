@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoprune.space import PruningSpace
+from autoprune.engine.space import PruningSpace
 
 
 def consumers(space: PruningSpace, removed: list[int] | None = None) -> list[str]:

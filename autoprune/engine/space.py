@@ -28,8 +28,8 @@ from torch.overrides import TorchFunctionMode
 from torch_pruning.dependency import index_mapping as _index_mapping
 from torch_pruning.dependency.index_mapping import _SplitIndexMapping, update_index_mapping
 
-from autoprune.costs import measure_macs
-from autoprune.surgery import CONVS, LAYERS, NORMS, TRANSPOSED, norm_channels
+from autoprune.costs.measure import measure_macs
+from autoprune.engine.surgery import CONVS, LAYERS, NORMS, TRANSPOSED, norm_channels
 
 GRANULARITIES = ("channel", "fine", "nm")
 UNIT_KINDS = ("conv", "dwconv", "linear")
@@ -76,7 +76,7 @@ class Member:
 
     ``idxs[j]`` is removed whenever root channel ``root_idxs[j]`` is (torch-pruning's index
     mapping: identity for coupled convs, an offset after a concatenation, one-to-many for a
-    flatten into a linear layer). ``op`` says what is cut (see :mod:`autoprune.surgery`):
+    flatten into a linear layer). ``op`` says what is cut (see :mod:`autoprune.engine.surgery`):
     ``out`` / ``in`` channels of a conv or linear layer, ``dw`` both of a depthwise conv, ``ch``
     a per-channel layer (norm, PReLU), ``param`` a bare parameter along ``pruning_dim``.
     ``group_size`` > 0 marks a grouped layer (grouped conv, GroupNorm) whose groups of that many

@@ -1,8 +1,8 @@
 """Apply a policy to a copy of a model: channel removal, fine-grained masks, N:M masks.
 
 The input model is never mutated. Channel pruning physically removes channels with the
-surgery of :mod:`autoprune.surgery`, from the dependency groups recorded once in the
-:class:`~autoprune.space.PruningSpace` (no re-trace per policy): each layer is cut once, with the
+surgery of :mod:`autoprune.engine.surgery`, from the dependency groups recorded once in the
+:class:`~autoprune.engine.space.PruningSpace` (no re-trace per policy): each layer is cut once, with the
 union of every unit's channels in original indices. Fine-grained and N:M pruning
 zero the least important weights of each unit; with ``persistent=True`` the zeros are kept by a
 ``torch.nn.utils.prune`` mask, so they stay zero while the model is fine-tuned.
@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from autoprune import surgery
-from autoprune.space import PruningSpace
+from autoprune.engine import surgery
+from autoprune.engine.space import PruningSpace
 
 
 @dataclass

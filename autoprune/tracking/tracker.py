@@ -37,7 +37,7 @@ from mlflow.tracking import MlflowClient
 
 from autoprune._version import __version__
 from autoprune.interrupts import held
-from autoprune.runstore import (
+from autoprune.tracking.runstore import (
     DATABASE_SCHEMES,
     EVALUATION_METRICS,
     HTTP_ENV_DEFAULTS,

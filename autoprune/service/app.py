@@ -45,20 +45,20 @@ from autoprune.agents import get_searcher
 from autoprune.agents.base import Preflight
 from autoprune.budget import Budget
 from autoprune.config import ConfigError, DataConfig
-from autoprune.experiment import (
+from autoprune.runner.experiment import (
     ExperimentConfig,
     _evaluations_for,
     check_options,
     experiment_config,
     seeds_for,
 )
-from autoprune.guard import RequestGuard
-from autoprune.jobs import ERROR_TAG, KIND_TAG, LIVE, STATE_TAG, JobManager, requested
-from autoprune.limits import BODY_LIMITS, OPTION_LIMITS, Limits
+from autoprune.service.guard import RequestGuard
+from autoprune.service.jobs import ERROR_TAG, KIND_TAG, LIVE, STATE_TAG, JobManager, requested
+from autoprune.service.limits import BODY_LIMITS, OPTION_LIMITS, Limits
 from autoprune.models import MODELS, build_model, state_dict_mismatch
 from autoprune.parallel import init_ray
-from autoprune.reaper import reap, record_descendants
-from autoprune.tracking import Tracker, TrackingError
+from autoprune.service.reaper import reap, record_descendants
+from autoprune.tracking.tracker import Tracker, TrackingError
 
 API = "/v1"
 CHECKPOINT_PREFIX = "ckpt-"
@@ -206,7 +206,7 @@ def _space_error_field(message: str) -> list[str | int]:
 @functools.lru_cache(maxsize=32)
 def _space(key: str) -> tuple[int, Any]:
     from autoprune.data import load_data
-    from autoprune.space import PruningSpace, SpaceError
+    from autoprune.engine.space import PruningSpace, SpaceError
 
     name, data_cfg, granularity, max_ratio, round_to, m, classifier, ignore, skip = json.loads(key)
     data = load_data(DataConfig.model_validate(data_cfg))
@@ -365,7 +365,7 @@ class Service:
         if cfg.device == "cuda" and not cuda:
             raise _unprocessable(["device"], "this service has no CUDA device (use cpu or auto)")
         from autoprune.data import DataError
-        from autoprune.space import SpaceError
+        from autoprune.engine.space import SpaceError
 
         try:
             units, reachable = _structure(cfg)

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoprune.costs import count_params, measure_macs
-from autoprune.pruning import Ranking, channels_to_remove, prune_model
-from autoprune.space import PruningSpace, SpaceError
-from autoprune.surgery import norm_channels
+from autoprune.costs.measure import count_params, measure_macs
+from autoprune.engine.pruning import Ranking, channels_to_remove, prune_model
+from autoprune.engine.space import PruningSpace, SpaceError
+from autoprune.engine.surgery import norm_channels
 
 TOLERANCE = 1e-4  # max |pruned - reference| relative to 1 + max |reference| (float32)
 

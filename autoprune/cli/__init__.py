@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from autoprune import limits as service_limits
+from autoprune.service import limits as service_limits
 
 app = typer.Typer(
     add_completion=False,
@@ -357,7 +357,7 @@ def _experiment_cfg(
     finetune_epochs: int | None = None,
 ) -> Any:
     """The experiment config: YAML + key=value overrides + the command's options (last wins)."""
-    from autoprune.experiment import experiment_config
+    from autoprune.runner.experiment import experiment_config
 
     cfg_path, items = _split(config, overrides)
     flags: dict[str, Any] = {
@@ -384,7 +384,7 @@ def _experiment_cfg(
 def _bar_hooks(bar: Progress, budgets: list[str] | None = None) -> Any:
     """Progress bars for an experiment: evaluations, best accuracy so far, cost, ETA. With
     ``budgets`` (a sweep: one experiment per budget, in order) each bar names its budget."""
-    from autoprune.experiment import Hooks
+    from autoprune.runner.experiment import Hooks
 
     class BarHooks(Hooks):
         def __init__(self, bar: Progress) -> None:
@@ -429,7 +429,7 @@ def _bar_hooks(bar: Progress, budgets: list[str] | None = None) -> Any:
 
 
 def _run(cfg: Any, resume: str | None = None, evaluations: int | None = None) -> Any:
-    from autoprune.experiment import Interrupted, run_experiment
+    from autoprune.runner.experiment import Interrupted, run_experiment
 
     with _progress() as bar:
         try:
@@ -585,7 +585,7 @@ def compare(
       autoprune compare experiments/compare.yaml --apply pruned.pt --apply-epochs 2
     """
     if recorded:
-        from autoprune.runstore import recorded_comparison
+        from autoprune.tracking.runstore import recorded_comparison
 
         name = experiment or "autoprune"
         rows = recorded_comparison(tracking_uri, name)
@@ -644,9 +644,9 @@ def sweep(
       autoprune sweep --budgets flops=0.75,0.5,0.25 --searchers uniform,random --seeds 0,1
       autoprune sweep experiments/compare.yaml --budgets flops=0.5,0.25,params=0.5 --csv sweep.csv
     """
-    from autoprune.experiment import Interrupted
-    from autoprune.sweep import parse_budgets, plot_frontier, run_sweep, split_budgets
-    from autoprune.tracking import Tracker
+    from autoprune.runner.experiment import Interrupted
+    from autoprune.runner.sweep import parse_budgets, plot_frontier, run_sweep, split_budgets
+    from autoprune.tracking.tracker import Tracker
 
     parsed = parse_budgets(split_budgets(budgets))  # before any task is built
     specs = [str(b) for b in parsed]
@@ -768,7 +768,7 @@ def best(
       autoprune best --run 3f2a... --json
     """
     from autoprune.policy import Policy
-    from autoprune.runstore import run_reader
+    from autoprune.tracking.runstore import run_reader
 
     data, run_id = run_reader(tracking_uri).best_policy(experiment, searcher, run)
     policy = Policy.from_dict(data, source=f"run {run_id}")
@@ -799,7 +799,7 @@ def runs(
 
     Example: autoprune runs --experiment autoprune
     """
-    from autoprune.runstore import run_reader
+    from autoprune.tracking.runstore import run_reader
 
     rows = run_reader(tracking_uri).list_runs(experiment or "autoprune")
     table = Table(title=f"runs of {experiment!r}")
@@ -869,8 +869,8 @@ def serve(
       autoprune serve --port 8080
       AUTOPRUNE_TOKEN=... autoprune serve --host 0.0.0.0 --ray-address auto
     """
-    from autoprune.service import Settings, check_bind, load_token
-    from autoprune.service import serve as run_service
+    from autoprune.service.app import Settings, check_bind, load_token
+    from autoprune.service.app import serve as run_service
 
     try:
         values = service_limits.parse(

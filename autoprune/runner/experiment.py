@@ -44,7 +44,7 @@ from autoprune.interrupts import held
 from autoprune.parallel import Backend, make_backend
 from autoprune.policy import Policy
 from autoprune.task import Task, build_task
-from autoprune.tracking import Tracker, TrackingError
+from autoprune.tracking.tracker import Tracker, TrackingError
 
 JOURNAL_DIR = Path(".autoprune") / "journal"
 

@@ -5,7 +5,7 @@
 print a few lines. :class:`SqliteRuns` answers those read-only questions straight from a local
 MLflow sqlite database and its file artifacts with the standard library's ``sqlite3`` (tens of
 milliseconds), opened read-only. :func:`run_reader` uses it when it can and falls back to
-MLflow's client (:class:`autoprune.tracking.TrackingStore`) for servers, other databases, remote
+MLflow's client (:class:`autoprune.tracking.tracker.TrackingStore`) for servers, other databases, remote
 artifact stores, or a schema it does not recognise; both give the same answers (tested on the
 same store).
 """
@@ -302,7 +302,7 @@ class SqliteRuns:
     def best_policy(
         self, experiment: str | None = None, searcher: str | None = None, run_id: str | None = None
     ) -> tuple[dict[str, Any], str]:
-        """``(policy dict, run id)`` like :meth:`autoprune.tracking.TrackingStore.best_policy`."""
+        """``(policy dict, run id)`` like :meth:`autoprune.tracking.tracker.TrackingStore.best_policy`."""
         if run_id is not None:
             runs = self._runs("run_uuid = ?", (run_id,), False, active=False)
             if not runs:
@@ -343,7 +343,7 @@ def run_reader(uri: str | None = None) -> RunReader:
             return _Fallback(SqliteRuns(resolved), resolved)
         except Unsupported:
             pass
-    from autoprune.tracking import TrackingStore
+    from autoprune.tracking.tracker import TrackingStore
 
     return TrackingStore(resolved)
 
@@ -380,7 +380,7 @@ class _Fallback:
         self.fast, self.uri = fast, uri
 
     def _slow(self) -> RunReader:
-        from autoprune.tracking import TrackingStore
+        from autoprune.tracking.tracker import TrackingStore
 
         return TrackingStore(self.uri)
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoprune.space import Member, PruningSpace, Unit
-from autoprune.surgery import LAYERS, out_major
+from autoprune.engine.space import Member, PruningSpace, Unit
+from autoprune.engine.surgery import LAYERS, out_major
 
 Scores = list[np.ndarray]
 

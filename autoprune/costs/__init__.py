@@ -1,0 +1,1 @@
+"""Costs of a model: MACs and parameters, measured latency, and latency lookup tables."""

@@ -1,0 +1,1 @@
+"""The search runner: experiment configs, runs of several searchers and seeds, sweeps."""

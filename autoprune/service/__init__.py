@@ -1,0 +1,1 @@
+"""The HTTP service: settings, request schemas and validation, routes, and the job manager."""
