@@ -27,12 +27,13 @@ test: $(STAMP)
 	$(PY) -m pytest -q -x -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 lint: $(STAMP)
+	$(PY) tests/layering.py
 	$(VENV)/bin/ruff check autoprune envs agents tests experiments
 	$(VENV)/bin/ruff format --check autoprune envs agents tests experiments
 	$(VENV)/bin/mypy autoprune envs agents
 
 bench: $(STAMP)
-	$(PY) experiments/benchmark.py
+	$(VENV)/bin/autoprune bench experiments/benchmark.yaml --resume
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -16,38 +16,30 @@ safety net before its final evaluation.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
-from typing import Annotated, Any, ClassVar
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, cast
 
 import numpy as np
 import torch
 import torch_pruning as tp
 from autoprune.agents.base import Preflight, Problem, Searcher, SearchError
+from autoprune.agents.options import SearchOptions
 from autoprune.agents.registry import register
 from autoprune.envs.pruning_env import PruningEnv
 from pydantic import Field
 
-from autoprune.budget import Budget
-from autoprune.sensitivity import SensitivityResult, scan
+from autoprune.budget import Budget, within
 from autoprune.engine.surgery import CONVS, TRANSPOSED
+from autoprune.sensitivity import SensitivityResult, scan
 from autoprune.task import Task
 
 CostFn = Callable[[np.ndarray], Mapping[str, float]]
-_TOL = 1e-9
-
-
-def require_channel(task: Task, searcher: str) -> None:
-    """Raise :class:`SearchError` unless the task prunes whole channels."""
-    if task.space.granularity != "channel":
-        raise SearchError(
-            f"searcher {searcher!r} supports channel pruning only; this task's granularity is "
-            f"{task.space.granularity!r}"
-        )
+_GRID_EPS = 1e-9  # grid ratios this close to a unit's ratio are the same step
 
 
 def unmet_saving(budget: Budget, before: Mapping[str, float], after: Mapping[str, float]) -> float:
     """Cost saved by a change, summed over the budget metrics not yet met (cost ratios)."""
-    unmet = [m for m, limit in budget.limits.items() if before[m] > limit + _TOL]
+    unmet = [m for m, limit in budget.limits.items() if not within(before[m], limit)]
     return float(sum(before[m] - after[m] for m in unmet))
 
 
@@ -111,6 +103,17 @@ class RandomSearcher(Searcher):
 # ---------------------------------------------------------------- sensitivity
 
 
+class SensitivityOptions(SearchOptions):
+    """Options of ``sensitivity``."""
+
+    grid: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=lambda: [0.2, 0.4, 0.6, 0.8],
+        min_length=1,
+        max_length=100,
+        description="the ratios each unit is scanned at, alone (at most the task's max_ratio)",
+    )
+
+
 @register
 class SensitivitySearcher(Searcher):
     """Allocate ratios from a layer sensitivity scan (MIT 6.5940, lecture 3).
@@ -125,36 +128,21 @@ class SensitivitySearcher(Searcher):
     """
 
     name = "sensitivity"
-    defaults: ClassVar[dict[str, Any]] = {"grid": (0.2, 0.4, 0.6, 0.8)}
-    option_types: ClassVar[dict[str, Any]] = {
-        "grid": Annotated[
-            list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=1, max_length=100)
-        ],
-    }
+    options_type = SensitivityOptions
+    options: SensitivityOptions
 
-    def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
-        merged = super().check_options(options)
+    def check_task(self) -> None:
         max_ratio = self.task.space.max_ratio
-        try:
-            grid = sorted({float(r) for r in merged["grid"]})
-        except (TypeError, ValueError):
-            given = merged["grid"]
-            raise SearchError(f"sensitivity grid must be a list of ratios, got {given!r}") from None
-        if not grid or any(not 0 < r <= max_ratio for r in grid):
-            raise SearchError(f"sensitivity grid {grid} must be ratios in (0, {max_ratio:g}]")
-        needed = self.needed_evaluations(self.task, grid)
-        if self.evaluations is not None and self.evaluations < needed:
-            raise SearchError(
-                f"sensitivity needs {needed} evaluations ({len(self.task.space)} units x "
-                f"{len(grid)} grid ratios + dense + final), got evaluations={self.evaluations}"
-            )
-        merged["grid"] = tuple(grid)
-        return merged
+        self.grid = tuple(sorted(set(self.options.grid)))  # the scan's ratios, once each
+        if any(r > max_ratio for r in self.grid):
+            raise SearchError(f"sensitivity grid {list(self.grid)} must be ratios in "
+                              f"(0, {max_ratio:g}]")  # fmt: skip
+        super().check_task()  # the evaluations the scan needs: preflight
 
     @classmethod
-    def preflight(cls, options: Mapping[str, Any], ctx: Preflight) -> list[Problem]:
+    def preflight(cls, options: SearchOptions | Mapping[str, Any], ctx: Preflight) -> list[Problem]:
         out = super().preflight(options, ctx)
-        grid = options.get("grid", cls.defaults["grid"])
+        grid = set(cast(SensitivityOptions, cls.typed_options(options)).grid)
         if ctx.units is not None and ctx.evaluations is not None:
             needed = ctx.units * len(grid) + 2
             if ctx.evaluations < needed:
@@ -165,16 +153,11 @@ class SensitivitySearcher(Searcher):
                 ))  # fmt: skip
         return out
 
-    @staticmethod
-    def needed_evaluations(task: Task, grid: Sequence[float]) -> int:
-        """The scan (every unit at every grid ratio), the dense model and the final policy."""
-        return len(task.space) * len(grid) + 2
-
     def _search(self) -> None:
         self.record(self.evaluator.dense(), note="scan")  # the scan's own call is then cached
         result = scan(
             self.evaluator,
-            self.options["grid"],
+            self.grid,
             callback=lambda _unit, _ratio, e: self.record(e, note="scan"),
             evaluate_many=self.backend.map if self.backend.workers else None,
         )
@@ -229,7 +212,7 @@ def _cheapest_step(
     best: tuple[float, float, int] | None = None
     ratio_of: dict[int, float] = {}
     for i in range(len(vec)):
-        for ratio in (r for r in result.grid if r > vec[i] + _TOL):
+        for ratio in (r for r in result.grid if r > vec[i] + _GRID_EPS):
             trial = vec.copy()
             trial[i] = ratio
             saved = unmet_saving(budget, costs, cost_fn(trial))
@@ -261,6 +244,14 @@ def _just_enough(
 # ---------------------------------------------------------------- global
 
 
+class GlobalOptions(SearchOptions):
+    """Options of ``global``."""
+
+    bisection_steps: int = Field(
+        14, ge=1, le=64, description="prunings of a copy that bisect the global ratio"
+    )
+
+
 @register
 class GlobalSearcher(Searcher):
     """torch-pruning's global magnitude pruning at the budget (DepGraph, Fang et al., CVPR 2023).
@@ -279,23 +270,14 @@ class GlobalSearcher(Searcher):
     name = "global"
     channel_only = True
     fixed_evaluations = 1
-    defaults: ClassVar[dict[str, Any]] = {"bisection_steps": 14}
-    option_types: ClassVar[dict[str, Any]] = {
-        "bisection_steps": Annotated[int, Field(ge=1, le=64)],
-    }
-
-    def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
-        require_channel(self.task, self.name)
-        merged = super().check_options(options)
-        if int(merged["bisection_steps"]) < 1:
-            raise SearchError(f"bisection_steps must be >= 1, got {merged['bisection_steps']}")
-        return merged
+    options_type = GlobalOptions
+    options: GlobalOptions
 
     def _search(self) -> None:
         zeros = np.zeros(len(self.task.space))
         ratio, vec = 0.0, zeros
         if not self.budget.met_by(self.cost_ratios(zeros)):
-            ratio, vec = self._bisect(int(self.options["bisection_steps"]))
+            ratio, vec = self._bisect(self.options.bisection_steps)
         vec = self.project(vec)  # safety net (a no-op when the bisection met the budget)
         self.result.info["global_ratio"] = ratio
         self.evaluate(vec, note=f"global ratio {ratio:.4f}")

@@ -20,16 +20,45 @@ must is never worth its accuracy).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar
+from typing import Any, Self
 
 import numpy as np
-from autoprune.agents.base import Record, Searcher, SearchError
+from autoprune.agents.base import Record, Searcher
+from autoprune.agents.options import SearchOptions, conflict
 from autoprune.agents.registry import register
 from autoprune.envs.pruning_env import PruningEnv
-from pydantic import Field
+from pydantic import Field, model_validator
 
 _REDRAWS = 20  # tries to draw a child that was not evaluated yet
+
+
+class EvolutionOptions(SearchOptions):
+    """Options of ``evolution``.
+
+    MetaPruning used a population of 50, the top 10 as parents, 25 children by crossover and
+    25 by mutation (probability 0.1 per gene) for 20 generations: 1,000 evaluations. Scaled to
+    the 150-300 evaluations a search here spends: 20 per generation, the top 5 as parents.
+    """
+
+    population: int = Field(20, ge=2, le=100_000, description="policies per generation")
+    parents: int = Field(5, ge=1, le=100_000, description="the best so far, that breed")
+    crossover: float = Field(
+        0.5, ge=0, le=1, description="fraction of each generation bred by crossover; the rest "
+        "by mutation",
+    )  # fmt: skip
+    mutation_prob: float = Field(
+        0.1, ge=0, le=1, description="per unit (at least one unit of every mutant moves)"
+    )
+    mutation_sigma: float = Field(
+        0.1, gt=0, le=1, description="Gaussian step, as a fraction of max_ratio"
+    )
+
+    @model_validator(mode="after")
+    def _parents_within_population(self) -> Self:
+        if self.parents > self.population:
+            message = f"parents ({self.parents}) cannot exceed the population ({self.population})"
+            raise conflict(self, "parents", message)
+        return self
 
 
 @register
@@ -38,32 +67,8 @@ class EvolutionSearcher(Searcher):
 
     name = "evolution"
     needs_evaluations = True
-    # MetaPruning used a population of 50, the top 10 as parents, 25 children by crossover and
-    # 25 by mutation (probability 0.1 per gene) for 20 generations: 1,000 evaluations. Scaled to
-    # the 150-300 evaluations a search here spends: 20 per generation, the top 5 as parents.
-    defaults: ClassVar[dict[str, Any]] = {
-        "population": 20,
-        "parents": 5,
-        "crossover": 0.5,  # fraction of each generation bred by crossover; the rest by mutation
-        "mutation_prob": 0.1,  # per unit (at least one unit of every mutant moves)
-        "mutation_sigma": 0.1,  # Gaussian step, as a fraction of max_ratio
-    }
-    option_types: ClassVar[dict[str, Any]] = {
-        "population": Annotated[int, Field(ge=2, le=100_000)],
-        "parents": Annotated[int, Field(ge=1, le=100_000)],
-        "crossover": Annotated[float, Field(ge=0, le=1)],
-        "mutation_prob": Annotated[float, Field(ge=0, le=1)],
-        "mutation_sigma": Annotated[float, Field(gt=0, le=1)],
-    }
-
-    def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
-        o = super().check_options(options)  # types and bounds: option_types
-        if o["parents"] > o["population"]:
-            raise SearchError(
-                f"evolution parents ({o['parents']}) cannot exceed the population "
-                f"({o['population']})"
-            )
-        return o
+    options_type = EvolutionOptions
+    options: EvolutionOptions
 
     # ------------------------------------------------------------ the search
     def _search(self) -> None:
@@ -73,7 +78,7 @@ class EvolutionSearcher(Searcher):
         self.seen: set[bytes] = set()
         env = PruningEnv(self.task, self.budget, evaluator=self.evaluator)
         units = len(self.task.space)
-        first = min(o["population"], self.evaluations)
+        first = min(o.population, self.evaluations)
         children = [
             self._fresh(lambda: env.rollout(self.rng.uniform(-1.0, 1.0, size=units)))
             for _ in range(first)
@@ -84,7 +89,7 @@ class EvolutionSearcher(Searcher):
             for evaluation in self.backend.map(children, threshold):
                 self.record(evaluation, note=f"generation {generation}")
             generation += 1
-            size = min(o["population"], self.remaining or 0)
+            size = min(o.population, self.remaining or 0)
             children = self._breed(size)
         self.result.info["generations"] = generation
 
@@ -93,11 +98,11 @@ class EvolutionSearcher(Searcher):
         generation)."""
         full = [r for r in self.result.history if r.meets_budget and not r.partial]
         full.sort(key=lambda r: (-r.accuracy, r.index))
-        return full[: self.options["parents"]]
+        return full[: self.options.parents]
 
     def _worst_parent(self) -> float | None:
         parents = self._parents()
-        if len(parents) < self.options["parents"]:
+        if len(parents) < self.options.parents:
             return None
         return parents[-1].accuracy
 
@@ -105,7 +110,7 @@ class EvolutionSearcher(Searcher):
         parents = [self.task.ratio_vector(r.ratios) for r in self._parents()]
         if not parents or size <= 0:
             return []
-        n_cross = round(size * self.options["crossover"]) if len(parents) > 1 else 0
+        n_cross = round(size * self.options.crossover) if len(parents) > 1 else 0
         out = [self._fresh(lambda: self._crossover(parents)) for _ in range(n_cross)]
         out += [self._fresh(lambda: self._mutate(parents)) for _ in range(size - n_cross)]
         return out
@@ -117,9 +122,9 @@ class EvolutionSearcher(Searcher):
 
     def _mutate(self, parents: list[np.ndarray]) -> np.ndarray:
         child = parents[int(self.rng.integers(len(parents)))].copy()
-        moved = self.rng.random(len(child)) < self.options["mutation_prob"]
+        moved = self.rng.random(len(child)) < self.options.mutation_prob
         moved[int(self.rng.integers(len(child)))] = True  # every mutant changes somewhere
-        step = self.rng.normal(0.0, self.options["mutation_sigma"] * self.max_ratio, len(child))
+        step = self.rng.normal(0.0, self.options.mutation_sigma * self.max_ratio, len(child))
         child[moved] += step[moved]
         return np.clip(child, 0.0, self.max_ratio)
 

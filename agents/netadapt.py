@@ -21,24 +21,25 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, Literal
 
 import numpy as np
 from autoprune.agents.base import Searcher, SearchError
+from autoprune.agents.options import SearchOptions
 from autoprune.agents.registry import register
 from pydantic import Field
 from torch import nn
 
 from autoprune.apply import _relative
 from autoprune.engine.criteria import CriterionContext, compute_scores
-from autoprune.evaluate import Evaluation
-from autoprune.parallel import policy_text
 from autoprune.engine.pruning import Ranking, prune_model
 from autoprune.engine.space import PruningSpace
+from autoprune.evaluate import Evaluation
+from autoprune.parallel import policy_text
 from autoprune.task import CRITERION_SAMPLES, Task
 from autoprune.training import fine_tune
 
-SELECTIONS = ("accuracy", "drop_per_cost")
+Selection = Literal["accuracy", "drop_per_cost"]  # how a proposal is chosen
 MAX_HALVINGS = 30  # target reduction halved at most this often before giving up
 FINETUNE_LR = 0.01
 FINETUNE_BATCH_SIZE = 64
@@ -210,6 +211,21 @@ class _State:
     accuracy: float | None = None
 
 
+class NetAdaptOptions(SearchOptions):
+    """Options of ``netadapt`` (see :class:`NetAdaptSearcher`). The defaults were measured on
+    the default task (experiments/bench_netadapt.py): r0 0.07 / decay 0.97 takes 88 evaluations
+    where 0.02 / 0.98 took 530, at the same test accuracy after fine-tuning."""
+
+    r0: float = Field(0.07, gt=0, le=1, description="first iteration's reduction")
+    decay: float = Field(0.97, gt=0, le=1, description="reduction multiplier per iteration")
+    finetune_batches: int = Field(10, ge=0, le=1_000_000, description="per proposal")
+    long_finetune_batches: int = Field(0, ge=0, le=10_000_000, description="the final model's")
+    select: Selection = "accuracy"
+    round_to: int | None = Field(
+        None, ge=1, le=4096, description="channels per step (None: the task's round_to)"
+    )
+
+
 @register
 class NetAdaptSearcher(Searcher):
     """NetAdapt (Yang et al., ECCV 2018): per iteration, the best single-unit cut that removes
@@ -231,69 +247,38 @@ class NetAdaptSearcher(Searcher):
 
     name = "netadapt"
     channel_only = True
-    defaults: ClassVar[dict[str, Any]] = {
-        # Measured on the default task (experiments/bench_netadapt.py): 0.07 / 0.97 takes 88
-        # evaluations where 0.02 / 0.98 took 530, at the same test accuracy after fine-tuning.
-        "r0": 0.07,
-        "decay": 0.97,
-        "finetune_batches": 10,
-        "long_finetune_batches": 0,
-        "select": "accuracy",
-        "round_to": None,
-    }
-    option_types: ClassVar[dict[str, Any]] = {
-        "r0": Annotated[float, Field(gt=0, le=1)],
-        "decay": Annotated[float, Field(gt=0, le=1)],
-        "finetune_batches": Annotated[int, Field(ge=0, le=1_000_000)],
-        "long_finetune_batches": Annotated[int, Field(ge=0, le=10_000_000)],
-        "select": Literal["accuracy", "drop_per_cost"],
-        "round_to": Annotated[int, Field(ge=1, le=4096)] | None,
-    }
+    options_type = NetAdaptOptions
+    options: NetAdaptOptions
     model: nn.Module | None = None
 
-    def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+    def check_task(self) -> None:
         if self.task.space.granularity != "channel":
             raise SearchError(
                 "netadapt supports channel pruning only (it carries pruned, fine-tuned weights "
                 f"between iterations); this task's granularity is {self.task.space.granularity!r}"
             )
-        o = super().check_options(options)
-        try:
-            o["r0"], o["decay"] = float(o["r0"]), float(o["decay"])
-            o["finetune_batches"] = int(o["finetune_batches"])
-            o["long_finetune_batches"] = int(o["long_finetune_batches"])
-            step = o["round_to"]
-            o["round_to"] = int(self.task.config.round_to if step is None else step)
-        except (TypeError, ValueError) as err:
-            raise SearchError(f"bad netadapt option: {err}") from None
-        if not 0 < o["r0"] <= 1 or not 0 < o["decay"] <= 1:
-            raise SearchError(f"r0 and decay must be in (0, 1], got {o['r0']} and {o['decay']}")
-        if o["finetune_batches"] < 0 or o["long_finetune_batches"] < 0:
-            raise SearchError("finetune_batches and long_finetune_batches must be >= 0")
-        if o["select"] not in SELECTIONS:
-            raise SearchError(f"unknown select {o['select']!r}; choose from {SELECTIONS}")
-        if o["round_to"] < 1:
-            raise SearchError(f"round_to must be >= 1, got {o['round_to']}")
-        return o
+        super().check_task()
+        step = self.options.round_to
+        self.round_to = int(self.task.config.round_to if step is None else step)
 
     # ------------------------------------------------------------ main loop
     def _search(self) -> None:
         state = _State(np.zeros(len(self.task.space)), copy.deepcopy(self.task.model).eval())
-        if self.options["select"] == "drop_per_cost":  # the dense model's accuracy, on a copy
+        if self.options.select == "drop_per_cost":  # the dense model's accuracy, on a copy
             state.accuracy = measure(self.task, copy.deepcopy(state.model), state.vec).accuracy
         self.result.info["iterations"] = []
-        reduction = float(self.options["r0"])
+        reduction = self.options.r0
         iteration = 0
         while not self._met(state.vec) and not self._exhausted():
             iteration += 1
             state = self._iterate(iteration, state, reduction)
-            reduction *= float(self.options["decay"])
+            reduction *= self.options.decay
         if not self._met(state.vec):  # out of evaluations: the projection has no tuned weights
             self.evaluate(self.project(state.vec), note="final (evaluation budget exhausted)")
             return
         if iteration == 0:  # the dense model already meets the budget: it is the policy
             self.evaluate(state.vec, note="the dense model meets the budget")
-        if int(self.options["long_finetune_batches"]) > 0:
+        if self.options.long_finetune_batches > 0:
             self._long_finetune(state)
         self.model = state.model
 
@@ -311,7 +296,7 @@ class NetAdaptSearcher(Searcher):
         if self.remaining is not None:
             proposals = proposals[: max(0, self.remaining - 1)]
         before = self.cost_ratios(state.vec)
-        batches = int(self.options["finetune_batches"])
+        batches = self.options.finetune_batches
         model = self.backend.put(state.model)  # sent once per iteration to every worker
         key = uuid.uuid4().hex
         metrics = tuple(self.budget.metrics)
@@ -364,7 +349,7 @@ class NetAdaptSearcher(Searcher):
         the reduction is halved until some unit can. Targets never go below the budget."""
         costs = self.cost_ratios(vec)
         unmet = {m: v for m, v in self.budget.limits.items() if costs[m] > v}
-        step = int(self.options["round_to"])
+        step = self.round_to
         for _ in range(MAX_HALVINGS):
             targets = {m: max(costs[m] - reduction, limit) for m, limit in unmet.items()}
 
@@ -394,7 +379,7 @@ class NetAdaptSearcher(Searcher):
         targets: Mapping[str, float],
     ) -> float:
         """Higher is better: accuracy, or minus the accuracy drop per resource removed."""
-        if self.options["select"] == "accuracy":
+        if self.options.select == "accuracy":
             return e.accuracy
         after = self.cost_ratios(vec)
         saved = sum(before[m] - after[m] for m in targets)
@@ -404,7 +389,7 @@ class NetAdaptSearcher(Searcher):
     # ------------------------------------------------------------ the end
     def _long_finetune(self, state: _State) -> None:
         """NetAdapt's long-term fine-tune of the final model, recorded as one more evaluation."""
-        batches = int(self.options["long_finetune_batches"])
+        batches = self.options.long_finetune_batches
         per_epoch = math.ceil(len(self.task.data.train) / FINETUNE_BATCH_SIZE)
         t0 = time.perf_counter()
         fine_tune(

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import cache
-from typing import Annotated, Any
+from typing import Any, TypeVar
 
 from autoprune.agents.base import Callback, Searcher, SearchError, SearchResult
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from autoprune.agents.options import SearchOptions, config_options
 
 from autoprune.budget import Budget
 from autoprune.evaluate import Evaluator
@@ -15,9 +14,10 @@ from autoprune.parallel import Backend, make_backend
 from autoprune.task import Task
 
 SEARCHERS: dict[str, type[Searcher]] = {}
+S = TypeVar("S", bound=Searcher)
 
 
-def register(cls: type[Searcher]) -> type[Searcher]:
+def register(cls: type[S]) -> type[S]:
     """Class decorator: make a searcher available by its ``name``."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
@@ -32,34 +32,11 @@ def get_searcher(name: str) -> type[Searcher]:
         raise SearchError(f"unknown searcher {name!r}; choose from {sorted(SEARCHERS)}") from None
 
 
-# Options every searcher takes in ``search.options.<name>``: its own evaluation budget and seeds.
-COMMON_OPTION_TYPES: dict[str, Any] = {
-    "evaluations": Annotated[int, Field(ge=1, le=10_000_000)],
-    "seeds": Annotated[  # one seed or a list
-        list[Annotated[int, Field(ge=0)]],
-        BeforeValidator(lambda v: [v] if isinstance(v, int) and not isinstance(v, bool) else v),
-        Field(min_length=1, max_length=1000),
-    ],
-}
-
-
-class _Options(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=False)
-
-
-@cache
-def options_model(name: str) -> type[BaseModel]:
-    """The schema of ``search.options.<name>``: every option of searcher ``name`` with its type
-    and bounds, all optional (a missing one keeps the searcher's default), no others; the one
-    schema the CLI, YAML configs and the service validate against."""
-    cls = get_searcher(name)
-    missing = sorted(set(cls.defaults) - set(cls.option_types))
-    if missing:
-        raise TypeError(f"searcher {name!r} declares no type for option(s) {missing}")
-    fields: dict[str, Any] = {
-        key: (kind, None) for key, kind in {**cls.option_types, **COMMON_OPTION_TYPES}.items()
-    }
-    return create_model(f"{cls.__name__}Options", __base__=_Options, **fields)
+def options_model(name: str) -> type[SearchOptions]:
+    """The schema of ``search.options.<name>`` in a config: searcher ``name``'s options model
+    (each option with its type, bounds and default; no others) plus ``evaluations`` and
+    ``seeds``; the one schema the CLI, YAML configs and the service validate against."""
+    return config_options(get_searcher(name).options_type)
 
 
 def search(
@@ -85,7 +62,10 @@ def search(
     if workers < 0 or (ray_address and workers == 0):
         raise SearchError(f"workers must be >= 1 with a Ray address, >= 0 otherwise; got {workers}")
     # Options and budget are checked here, before any worker starts.
-    searcher = cls(task, budget, seed, evaluations, callback, evaluator, backend, **options)
+    searcher = cls(
+        task, budget, seed=seed, evaluations=evaluations, callback=callback,
+        evaluator=evaluator, backend=backend, **options,
+    )  # fmt: skip
     if backend is not None or workers == 0:
         return searcher.run()
     needs_latency = "latency" in searcher.budget.metrics

@@ -19,14 +19,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from autoprune.budget import Budget
-from autoprune.costs.measure import count_params, measure_latencies, measure_latency, measure_macs
+from autoprune.budget import Budget, within
+from autoprune.costs.counting import count_params, measure_macs
+from autoprune.costs.latency import measure_latencies, measure_latency
 from autoprune.engine.criteria import CriterionContext, compute_scores
+from autoprune.engine.pruning import (
+    Ranking,
+    make_masks_permanent,
+    prune_model,
+    ramp,
+    remove_channels,
+)
+from autoprune.engine.space import PruningSpace
+from autoprune.engine.units import SpaceError
 from autoprune.models import ModelError, build_model, state_dict_mismatch
 from autoprune.models.registry import uncompiled
 from autoprune.policy import Policy
-from autoprune.engine.pruning import Ranking, make_masks_permanent, prune_model, ramp, remove_channels
-from autoprune.engine.space import PruningSpace, SpaceError
 from autoprune.task import CRITERION_SAMPLES, Task
 from autoprune.training import fine_tune
 
@@ -63,7 +71,7 @@ class ApplyResult:
         out: dict[str, dict[str, Any]] = {}
         for metric, limit in limits.items():
             value = measured.get(metric)
-            met = None if value is None else bool(value <= float(limit) * (1 + 1e-6) + 1e-9)
+            met = None if value is None else within(value, limit)
             out[metric] = {"limit": float(limit), "measured": value, "met": met}
         return out
 
@@ -130,7 +138,8 @@ def latency_ratios(
 
     Timed like the task's latency table and budget (CPU, one thread, ``eval.latency_batch_size``
     samples per forward pass) and interleaved with the dense model in the same rounds (see
-    :func:`autoprune.costs.measure.measure_latencies`), so a machine whose speed drifts skews no ratio.
+    :func:`autoprune.costs.latency.measure_latencies`), so a machine whose speed drifts skews
+    no ratio.
     The models are cut without reconstruction or fine-tuning: channel counts set the latency.
     """
     if not policies:

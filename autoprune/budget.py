@@ -15,7 +15,15 @@ import numpy as np
 
 METRICS = ("flops", "params", "latency")
 CostFn = Callable[[np.ndarray], Mapping[str, float]]
-_TOL = 1e-9
+# The one tolerance of a budget: every module that asks "is this ratio within its limit?"
+# asks :func:`within`. Cost ratios are quotients of exact counts (MACs, parameters) or of
+# timings, so only floating-point noise needs room.
+TOLERANCE = 1e-9
+
+
+def within(value: float, limit: float) -> bool:
+    """Whether a cost ratio meets a limit, with the budget's tolerance."""
+    return float(value) <= float(limit) + TOLERANCE
 
 
 def _number(metric: object, value: object) -> float:
@@ -78,7 +86,7 @@ class Budget:
 
     def met_by(self, costs: Mapping[str, float]) -> bool:
         """Whether achieved cost ratios satisfy every limit."""
-        return all(costs[m] <= v + _TOL for m, v in self.limits.items())
+        return all(within(costs[m], v) for m, v in self.limits.items())
 
     def excess(self, costs: Mapping[str, float]) -> float:
         """How far the worst limit is exceeded (<= 0 when met)."""
@@ -89,7 +97,7 @@ class Budget:
         policy (every unit at max_ratio) misses the budget."""
         floor = cost_fn(max_ratios)
         for metric, limit in self.limits.items():
-            if floor[metric] > limit + _TOL:
+            if not within(floor[metric], limit):
                 raise BudgetError(
                     f"budget {metric}<={limit:g} is unreachable: the smallest reachable is "
                     f"{metric}={floor[metric]:.4f}, with every unit pruned to ratio "

@@ -39,7 +39,7 @@ class Evaluation:
     params_ratio: float
     macs: float
     params: float
-    latency_ratio: float | None = None  # lookup-table prediction, when the task needs it
+    latency_ratio_table: float | None = None  # lookup-table prediction, when the task needs it
     latency_ms: float | None = None  # measured on the pruned copy, when asked for
     seconds: dict[str, float] = field(default_factory=dict)
     cached: bool = False
@@ -58,7 +58,7 @@ class Evaluation:
         accuracy: float,
         loss: float,
         seconds: dict[str, float] | None = None,
-        latency_ratio: float | None = None,
+        latency_ratio_table: float | None = None,
     ) -> Evaluation:
         """The evaluation of ratio vector ``vec`` with measured accuracy and analytic costs."""
         space = task.space
@@ -71,15 +71,15 @@ class Evaluation:
             params_ratio=params / space.dense_params,
             macs=macs,
             params=params,
-            latency_ratio=latency_ratio,
+            latency_ratio_table=latency_ratio_table,
             seconds=dict(seconds or {}),
         )
 
     def costs(self) -> dict[str, float]:
         """Cost ratios by budget metric name."""
         out = {"flops": self.flops_ratio, "params": self.params_ratio}
-        if self.latency_ratio is not None:
-            out["latency"] = self.latency_ratio
+        if self.latency_ratio_table is not None:
+            out["latency"] = self.latency_ratio_table
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -247,9 +247,9 @@ class Evaluator:
         if seen is not None and seen < len(self._search):
             result.partial, result.images, result.upper = True, seen, upper
         if self.predict_latency:
-            result.latency_ratio = self.task.cost_ratios(vec, ("latency",))["latency"]
+            result.latency_ratio_table = self.task.cost_ratios(vec, ("latency",))["latency"]
         if self.measure_latency:
-            from autoprune.costs.measure import measure_latency
+            from autoprune.costs.latency import measure_latency
 
             batch = self.task.config.eval.latency_batch_size
             shape = self.task.input_shape

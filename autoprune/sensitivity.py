@@ -6,6 +6,7 @@ lecture 3); the ``sensitivity`` searcher allocates ratios from it.
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from autoprune.evaluate import Evaluation, Evaluator
+from autoprune.plots import plot_sensitivity
 
 DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
@@ -42,30 +44,28 @@ class SensitivityResult:
             for j, r in enumerate(self.grid)
         ]
 
+    def save_csv(self, path: str | Path) -> Path:
+        """Write :meth:`rows` as CSV (one row per unit and ratio) and return the path."""
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        rows = self.rows()
+        with out.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["unit", "ratio"])
+            writer.writeheader()
+            writer.writerows(rows)
+        return out
+
     def drop(self) -> np.ndarray:
         """Accuracy lost against the dense model, (units, grid)."""
         return self.dense_accuracy - self.accuracy
 
     def plot(self, path: str | Path, title: str = "Layer sensitivity") -> Path:
-        """Accuracy vs. ratio, one line per unit, saved as an image."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for i, unit in enumerate(self.units):
-            ax.plot(self.grid, 100 * self.accuracy[i], marker="o", ms=3, label=unit)
-        ax.axhline(100 * self.dense_accuracy, color="k", ls="--", lw=1, label="dense")
-        ax.set_xlabel("ratio removed")
-        ax.set_ylabel("search accuracy (%)")
-        ax.set_title(title)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
+        """Accuracy vs. ratio, one line per unit (:func:`autoprune.plots.plot_sensitivity`),
+        saved as an image."""
+        fig = plot_sensitivity(self, title)
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=120)
-        plt.close(fig)
         return out
 
 

@@ -21,14 +21,15 @@ from torch import nn
 from autoprune._version import __version__
 from autoprune.budget import Budget, BudgetError
 from autoprune.config import TaskConfig, task_config
-from autoprune.engine.criteria import CriterionContext, compute_scores, get_criterion
 from autoprune.data import DataSplits, Split, load_data
+from autoprune.engine.criteria import CriterionContext, compute_scores, get_criterion
 from autoprune.engine.equivalence import verify_channel_pruning
-from autoprune.models import build_model, checkpoint_hash, load_checkpoint, resolve_factory
-from autoprune.models.registry import uncompiled
 from autoprune.engine.pruning import Ranking, prune_model
 from autoprune.engine.reconstruct import check_refittable, reconstruct
-from autoprune.engine.space import PruningSpace, SpaceError
+from autoprune.engine.space import PruningSpace
+from autoprune.engine.units import SpaceError
+from autoprune.models import build_model, checkpoint_hash, load_checkpoint, resolve_factory
+from autoprune.models.registry import uncompiled
 from autoprune.training import (
     Metric,
     default_checkpoint,
@@ -223,7 +224,7 @@ class Task:
                 "latency budgets need channel granularity: masked (fine / N:M) weights do not "
                 "make dense CPU kernels faster"
             )
-        from autoprune.costs.measure import LatencyTable
+        from autoprune.costs.table import LatencyTable
 
         batch = self.config.eval.latency_batch_size
         return LatencyTable.build(self.model, self.input_shape, threads=1, batch_size=batch)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from autoprune.config import DataConfig, TrainConfig
+from autoprune.config import DataConfig, TaskConfig, TrainConfig
 from autoprune.data import DataSplits, Split, iterate_batches, load_data
 from autoprune.models import MODELS, ModelError, build_model
 
@@ -92,6 +92,18 @@ def train(
     history["search_acc"], _ = evaluate_split(model, data.search)
     history["test_acc"], history["test_loss"] = evaluate_split(model, data.test)
     model.eval()
+    return history
+
+
+def train_checkpoint(cfg: TaskConfig, out: str | Path, progress: bool = False) -> dict[str, Any]:
+    """Train the config's zoo model on its data (settings under ``train.*``) and save its state
+    dict at ``out`` (what ``autoprune train`` does); returns :func:`train`'s history."""
+    data = load_data(cfg.data)
+    model = build_model(cfg.model.name, data.in_channels, data.num_classes, **cfg.model.kwargs)
+    history = train(model, data, cfg.train, device=cfg.device, progress=progress)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
     return history
 
 

@@ -12,8 +12,8 @@ from autoprune.envs.rewards import Reward, get_reward
 from gymnasium import spaces
 
 from autoprune.budget import Budget
+from autoprune.engine.units import UNIT_KINDS
 from autoprune.evaluate import Evaluation, Evaluator
-from autoprune.engine.space import UNIT_KINDS
 from autoprune.task import Task, build_task
 
 FEATURES = (
@@ -59,7 +59,7 @@ class PruningEnv(gym.Env):
     ## Episode End
     ``terminated=True`` after the last unit; the environment never truncates by itself. The last
     ``info`` holds ``policy`` (ratios by unit name), ``accuracy``, ``loss``, the achieved cost
-    ratios (``flops_ratio``, ``params_ratio`` and, for latency budgets, ``latency_ratio``) and
+    ratios (``flops_ratio``, ``params_ratio`` and, for latency budgets, ``latency_ratio_table``) and
     ``eval_seconds``.
 
     ## Arguments
@@ -222,8 +222,8 @@ class PruningEnv(gym.Env):
             "evaluation": evaluation,  # everything, for searchers running envs elsewhere
             "applied": self._ratios.tolist(),  # what was evaluated, unit by unit
         }
-        if e.latency_ratio is not None:
-            info["latency_ratio"] = e.latency_ratio
+        if e.latency_ratio_table is not None:
+            info["latency_ratio_table"] = e.latency_ratio_table
         return info
 
     def _observation(self) -> np.ndarray:

@@ -69,7 +69,7 @@ def acc_log_params(e: Evaluation) -> float:
 def acc_log_latency(e: Evaluation) -> float:
     """-error * log(latency in thousandths of the dense model's): the lookup table predicts a
     ratio, and any unit that keeps the cost above 1 gives the same ranking trade-off."""
-    ratio = e.latency_ratio
+    ratio = e.latency_ratio_table
     return _log_cost(1.0 - e.accuracy, None if ratio is None else 1000.0 * ratio, "latency")
 
 

@@ -15,7 +15,7 @@ from autoprune.agents.netadapt import NetAdaptSearcher
 from autoprune.agents.registry import search
 
 import autoprune as ap
-from autoprune.costs.measure import measure_macs
+from autoprune.costs.counting import measure_macs
 from autoprune.sensitivity import SensitivityResult
 from autoprune.task import Task
 
@@ -66,7 +66,7 @@ def _run(
 
 
 def _meets(task: Task, result: SearchResult, limits: dict[str, float]) -> None:
-    vec = result.policy(task).check(task)  # the policy is valid for the task
+    vec = result.policy().check(task)  # the policy is valid for the task
     costs = task.cost_ratios(vec, tuple(limits))
     for metric, limit in limits.items():
         assert costs[metric] <= limit + 1e-9, (metric, costs)
@@ -200,12 +200,12 @@ def test_netadapt_out_of_evaluations_projects(default_task: Task, runs) -> None:
 def test_every_searcher_gets_the_evaluations_it_can_use() -> None:
     """``search.evaluations`` is a budget for ddpg / random, a limit for netadapt / sensitivity;
     uniform and global cannot use one and the launch says so instead of ignoring it."""
-    from autoprune.runner.experiment import DEFAULT_EVALUATIONS, SearchConfig, _evaluations_for
-    from autoprune.runner.experiment import evaluation_notices as notices
+    from autoprune.runner.config import DEFAULT_EVALUATIONS, SearchConfig, evaluations_for
+    from autoprune.runner.config import evaluation_notices as notices
 
     names = ["ddpg", "random", "netadapt", "sensitivity", "uniform", "global"]
     unset = SearchConfig(searchers=names)
-    assert {n: _evaluations_for(unset, n) for n in names} == {
+    assert {n: evaluations_for(unset, n) for n in names} == {
         "ddpg": DEFAULT_EVALUATIONS, "random": DEFAULT_EVALUATIONS, "netadapt": None,
         "sensitivity": None, "uniform": None, "global": None,
     }  # fmt: skip
@@ -213,7 +213,7 @@ def test_every_searcher_gets_the_evaluations_it_can_use() -> None:
     given = SearchConfig(
         searchers=names, evaluations=12, options={"random": {"evaluations": 5}, "global": {}}
     )
-    assert {n: _evaluations_for(given, n) for n in names} == {
+    assert {n: evaluations_for(given, n) for n in names} == {
         "ddpg": 12, "random": 5, "netadapt": 12, "sensitivity": 12, "uniform": None,
         "global": None,
     }  # fmt: skip
@@ -223,4 +223,4 @@ def test_every_searcher_gets_the_evaluations_it_can_use() -> None:
     ]
     # A recorded config (resume) keeps "not given" as it was: netadapt stays unlimited.
     again = SearchConfig.model_validate(unset.model_dump(mode="json"))
-    assert _evaluations_for(again, "netadapt") is None
+    assert evaluations_for(again, "netadapt") is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from autoprune.agents import SearchError, search
-from autoprune.agents.ddpg import EpisodeCreditBuffer, TruncatedNormalNoise
+from autoprune.agents.amc import EpisodeCreditBuffer, TruncatedNormalNoise
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def test_ddpg_learns_and_meets_budget(default_task, trained):
     assert result.best is not None and result.best.accuracy == max(
         r.accuracy for r in result.history if r.meets_budget
     )
-    vec = result.policy(default_task).check(default_task)
+    vec = result.policy().check(default_task)
     assert default_task.cost_ratios(vec)["flops"] <= 0.5 + 1e-9
 
 
@@ -96,7 +96,7 @@ def test_gradient_steps_per_episode(default_task):
 
     updates = {}
     for steps in (None, 1, 3):
-        searcher = DDPGSearcher(default_task, "flops=0.5", 0, 6, warmup_episodes=2,
+        searcher = DDPGSearcher(default_task, "flops=0.5", seed=0, evaluations=6, warmup_episodes=2,
                                 gradient_steps=steps)  # fmt: skip
         searcher.run()
         assert searcher.model is not None
@@ -131,7 +131,7 @@ def test_replay_buffer_holds_the_applied_actions(default_task, episode_credit):
 
     # fill_budget off: the buffer then holds each step's applied action (with it, the filled
     # ratios of the whole episode: test_fill_budget_policies_sit_on_the_budget_...)
-    searcher = DDPGSearcher(default_task, "flops=0.25", 0, 6, warmup_episodes=3,
+    searcher = DDPGSearcher(default_task, "flops=0.25", seed=0, evaluations=6, warmup_episodes=3,
                             episode_credit=episode_credit, fill_budget=False)  # fmt: skip
     env, steps = searcher.env, []
     original = env.step
@@ -162,14 +162,14 @@ def _standardized(rewards: list[float]) -> np.ndarray:
 
 
 def test_standardize_credits_each_episode_its_standardised_reward(default_task):
-    from autoprune.agents.ddpg import DDPGSearcher, EpisodeCreditBuffer
+    from autoprune.agents.ddpg import DDPGSearcher
 
     buffer = EpisodeCreditBuffer(10, *_spaces(), standardize=True)
     rewards = [0.31, 0.55, 0.12, 0.55, 0.9, 0.47]
     np.testing.assert_allclose([buffer.credit(x) for x in rewards], _standardized(rewards))
 
     # in a search: every transition of an episode holds that episode's standardised reward
-    searcher = DDPGSearcher(default_task, "flops=0.5", 0, 6, warmup_episodes=3,
+    searcher = DDPGSearcher(default_task, "flops=0.5", seed=0, evaluations=6, warmup_episodes=3,
                             standardize=True)  # fmt: skip
     env, ends = searcher.env, []
     original = env.step
@@ -261,7 +261,9 @@ def test_fill_budget_policies_sit_on_the_budget_and_are_what_the_buffer_holds(de
     the filled ratios of each finished episode as its actions (not the per-step ones)."""
     from autoprune.agents.ddpg import DDPGSearcher
 
-    searcher = DDPGSearcher(default_task, "flops=0.5", 0, 6, warmup_episodes=3, fill_budget=True)
+    searcher = DDPGSearcher(
+        default_task, "flops=0.5", seed=0, evaluations=6, warmup_episodes=3, fill_budget=True
+    )
     result = searcher.run()
     assert all(0.47 <= r.flops_ratio <= 0.5 + 1e-9 for r in result.history)
     assert searcher.model is not None
@@ -375,15 +377,31 @@ def test_defaults_beyond_amc_step_aside_for_explicit_options(default_task):
     them off when they were not asked for, and are refused when they were."""
     from autoprune.agents.ddpg import DDPGSearcher
 
-    amc = DDPGSearcher(default_task, "flops=0.5", 0, 6, warmup_episodes=2)
-    assert amc.options["fill_budget"] is True and amc.options["warmup_prior"] == "uniform"
-    assert amc.options["actor_start"] == "best"
+    amc = DDPGSearcher(default_task, "flops=0.5", seed=0, evaluations=6, warmup_episodes=2)
+    assert amc.options.fill_budget is True and amc.options.warmup_prior == "uniform"
+    assert amc.options.actor_start == "best"
     # no warm-up: no best warm-up policy to start the actor from (refused only when asked)
-    cold = DDPGSearcher(default_task, "flops=0.5", 0, 6, warmup_episodes=0)
-    assert cold.options["actor_start"] == "random" and cold.options["warmup_prior"] == "uniform"
-    plain = DDPGSearcher(default_task, "flops=0.5", 0, 6, warmup_episodes=2, algo="td3",
-                         noise="normal", episode_credit=False)  # fmt: skip
-    assert plain.options["fill_budget"] is False and plain.options["warmup_prior"] == "random"
+    cold = DDPGSearcher(default_task, "flops=0.5", seed=0, evaluations=6, warmup_episodes=0)
+    assert cold.options.actor_start == "random" and cold.options.warmup_prior == "uniform"
+    plain = DDPGSearcher(default_task, "flops=0.5", seed=0, evaluations=6, warmup_episodes=2,
+                         algo="td3", noise="normal", episode_credit=False)  # fmt: skip
+    assert plain.options.fill_budget is False and plain.options.warmup_prior == "random"
     with pytest.raises(SearchError, match="fill_budget needs episode_credit"):
-        DDPGSearcher(default_task, "flops=0.5", 0, 6, warmup_episodes=2, episode_credit=False,
-                     fill_budget=True)  # fmt: skip
+        DDPGSearcher(default_task, "flops=0.5", seed=0, evaluations=6, warmup_episodes=2,
+                     episode_credit=False, fill_budget=True)  # fmt: skip
+
+
+def test_a_search_leaves_the_temp_directory_as_it_found_it(default_task, tmp_path, monkeypatch):
+    """Without a logger of its own, SB3 configures one per model that creates an empty
+    ``SB3-<date>`` folder in the temp directory: the searcher sets one that writes nowhere."""
+    import tempfile
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.delenv("SB3_LOGDIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    assert tempfile.gettempdir() == str(tmp_path)
+    (tmp_path / "already-here").mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = search("ddpg", default_task, "flops=0.5", seed=0, evaluations=3, warmup_episodes=1)
+    assert result.evaluations == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -27,12 +27,15 @@ from typer.testing import CliRunner
 from autoprune.apply import load_pruned
 from autoprune.cli import app
 from autoprune.config import ConfigError
-from autoprune.costs.measure import measure_macs
-from autoprune.runner.experiment import Journal, _recover
+from autoprune.costs.counting import measure_macs
 from autoprune.models import build_model
 from autoprune.policy import Policy
+from autoprune.runner.experiment import _recover
+from autoprune.runner.journal import Journal
 from autoprune.task import build_task
-from autoprune.tracking.tracker import Tracker, TrackingError, TrackingStore
+from autoprune.tracking.reader import TrackingStore
+from autoprune.tracking.store import TrackingError
+from autoprune.tracking.writer import Tracker
 from autoprune.training import evaluate_accuracy
 
 BIN = Path(sys.executable).parent
@@ -545,7 +548,7 @@ def test_a_bad_output_path_is_refused_before_the_search(
 )  # fmt: skip
 def test_searcher_preflight_fails_at_config_time(overrides, where, message):
     """Searcher.preflight runs when the config is validated: before any task is built."""
-    from autoprune.runner.experiment import experiment_config
+    from autoprune.runner.config import experiment_config
 
     with pytest.raises(ConfigError) as err:
         experiment_config(None, overrides)

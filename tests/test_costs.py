@@ -1,4 +1,5 @@
-"""Tests of autoprune.costs.measure: MACs, parameters, measured latency and the latency lookup table."""
+"""Tests of autoprune.costs: MACs and parameters (counting), measured latency (latency) and the
+latency lookup table (table)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from autoprune.costs.measure import (
-    LatencyTable,
-    count_params,
-    measure_latencies,
-    measure_latency,
-    measure_macs,
-)
+from autoprune.costs.counting import count_params, measure_macs
+from autoprune.costs.latency import measure_latencies, measure_latency
+from autoprune.costs.table import LatencyTable
 
 
 @pytest.fixture(autouse=True)
@@ -238,13 +235,13 @@ class _ColdAfterOthers(nn.Module):
 def test_measure_latencies_times_each_model_warm(monkeypatch: pytest.MonkeyPatch) -> None:
     """Interleaved models are timed right after an untimed pass of their own: the cost of
     coming after another model (kernels evicted) stays out of their ratio."""
-    import autoprune.costs.measure as costs
+    import autoprune.costs.latency as latency
 
-    monkeypatch.setattr(costs.time, "perf_counter", lambda: _ColdAfterOthers.clock[0])
+    monkeypatch.setattr(latency.time, "perf_counter", lambda: _ColdAfterOthers.clock[0])
     dense, pruned = _ColdAfterOthers(1.0, 1.5), _ColdAfterOthers(0.4, 0.9)
     times = measure_latencies([dense, pruned], (4,), warmup=1, repeats=5)
     assert times == pytest.approx([1.0, 0.4])  # the warm ratio 0.4, not the cold 0.6
-    cold = costs._round_robin(
+    cold = latency.round_robin(
         [lambda: dense(torch.zeros(1, 4)), lambda: pruned(torch.zeros(1, 4))], 1, 5
     )
     assert cold == pytest.approx([1.5, 0.9])  # one pass each per round: every pass cold

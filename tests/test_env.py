@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import autoprune as ap
-from autoprune.costs.measure import count_params, measure_macs
+from autoprune.costs.counting import count_params, measure_macs
 from autoprune.evaluate import Evaluation
 from autoprune.models import MODELS, build_model
 from autoprune.task import Task
@@ -138,7 +138,7 @@ def test_cost_rewards_rise_with_accuracy_and_fall_with_cost(name: str):
     def evaluation(accuracy: float, ratio: float) -> Evaluation:
         return Evaluation(ratios={}, accuracy=accuracy, loss=0.0, flops_ratio=ratio,
                           params_ratio=ratio, macs=ratio * 4e7, params=ratio * 3e5,
-                          latency_ratio=ratio)  # fmt: skip
+                          latency_ratio_table=ratio)  # fmt: skip
 
     reward = REWARDS[name]
     for ratio in (0.1, 0.5, 1.0):  # at equal cost, the more accurate policy wins

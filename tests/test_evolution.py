@@ -51,10 +51,10 @@ def test_no_policy_is_evaluated_twice(default_task: Task, evolved: SearchResult)
 
 
 def test_parents_are_the_best_so_far(evolved: SearchResult) -> None:
-    from autoprune.agents.evolution import EvolutionSearcher
+    from autoprune.agents.evolution import EvolutionOptions, EvolutionSearcher
 
     searcher = EvolutionSearcher.__new__(EvolutionSearcher)
-    searcher.result, searcher.options = evolved, {"parents": 3}
+    searcher.result, searcher.options = evolved, EvolutionOptions(parents=3)
     parents = searcher._parents()
     ranked = sorted(evolved.history, key=lambda r: -r.accuracy)
     assert [p.accuracy for p in parents] == [r.accuracy for r in ranked[:3]]

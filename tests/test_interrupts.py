@@ -12,7 +12,7 @@ import pytest
 from autoprune.agents.base import Record, SearchResult
 
 from autoprune.interrupts import held
-from autoprune.tracking.tracker import SearchLogger
+from autoprune.tracking.writer import SearchLogger
 
 
 @pytest.fixture(autouse=True)
@@ -109,7 +109,10 @@ def test_ctrl_c_during_a_flush_lets_the_flush_finish() -> None:
     result = SearchResult("random", {"flops": 0.5}, 0)
 
     def record(index: int) -> Record:
-        return Record(index, {"conv1": 0.5}, 0.9, 0.1, 0.5, 0.6, None, True, 0.1, 1.0)
+        row = {"index": index, "ratios": {"conv1": 0.5}, "accuracy": 0.9, "loss": 0.1}
+        return Record.from_dict(
+            {**row, "flops_ratio": 0.5, "params_ratio": 0.6, "meets_budget": True, "elapsed": 1.0}
+        )
 
     log(record(1), result)
     assert client.calls == []

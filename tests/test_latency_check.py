@@ -13,12 +13,14 @@ import pytest
 from autoprune.agents.base import Record, SearchResult
 
 import autoprune.apply as apply_module
-import autoprune.runner.experiment as experiment_module
+import autoprune.runner.latency_check as latency_check_module
 from autoprune.budget import Budget
-from autoprune.costs.measure import count_params
+from autoprune.costs.counting import count_params
 from autoprune.evaluate import Evaluation, Evaluator
-from autoprune.runner.experiment import check_latency_on_clock, experiment_config, run_experiment
-from autoprune.tracking.tracker import Tracker
+from autoprune.runner.config import experiment_config
+from autoprune.runner.experiment import run_experiment
+from autoprune.runner.latency_check import check_latency_on_clock
+from autoprune.tracking.writer import Tracker
 
 
 def _linear(task):
@@ -71,11 +73,11 @@ def _search(task) -> SearchResult:
     best_vec[0] = 0.0  # not uniform: projection moves every unit its own way
     best_vec[1] = task.space.max_ratio
     ratios = task.ratios_dict(best_vec)
-    best = Record(
-        index=7, ratios=ratios, accuracy=0.9, loss=0.3, flops_ratio=0.5, params_ratio=0.5,
-        latency_ratio=_table(task, task.ratio_vector(ratios)), meets_budget=True,
-        eval_seconds=0.1, elapsed=5.0,
-    )  # fmt: skip
+    best = Record.from_dict({
+        "index": 7, "ratios": ratios, "accuracy": 0.9, "loss": 0.3, "flops_ratio": 0.5,
+        "params_ratio": 0.5, "latency_ratio_table": _table(task, task.ratio_vector(ratios)),
+        "meets_budget": True, "eval_seconds": 0.1, "elapsed": 5.0,
+    })  # fmt: skip
     return SearchResult("random", {"latency": 0.6}, 0, best=best, history=[best], seconds=9.0)
 
 
@@ -90,7 +92,7 @@ def test_a_best_that_meets_the_budget_on_the_clock_stays(default_task):
     summary = check_latency_on_clock(task, result, LATENCY, 4, clock, evaluate)
     assert len(clock.timed) == 1 and evaluate.calls == 0
     assert result.best is best
-    table = best.latency_ratio
+    table = best.latency_ratio_table
     assert summary == {
         "limit": 0.6, "measured": pytest.approx(table - 0.05), "table": table, "met": True,
         "replaced": False, "timed": 1, "timings": 1,
@@ -108,7 +110,7 @@ def test_a_best_that_misses_is_pruned_further_until_it_meets_on_the_clock(defaul
     summary = check_latency_on_clock(task, result, LATENCY, 4, clock, evaluate)
     assert summary is not None
     assert (summary["met"], summary["replaced"], summary["timed"]) == (True, True, 2)
-    assert summary["searched_measured"] == pytest.approx(1.1 * best.latency_ratio)
+    assert summary["searched_measured"] == pytest.approx(1.1 * best.latency_ratio_table)
     new = result.best
     new_vec = task.ratio_vector(new.ratios)
     # what was timed second and returned: the best policy pruned further, towards each unit's
@@ -120,7 +122,7 @@ def test_a_best_that_misses_is_pruned_further_until_it_meets_on_the_clock(defaul
     assert summary["measured"] == pytest.approx(1.1 * _table(task, new_vec))
     assert summary["measured"] == pytest.approx(0.588, abs=1e-3)
     assert evaluate.calls == 1 and new.accuracy == 0.5 and new.meets_budget
-    assert result.policy(task).ratios == pytest.approx(task.ratios_dict(new_vec))
+    assert result.policy().ratios == pytest.approx(task.ratios_dict(new_vec))
 
 
 def test_the_count_caps_the_timings_and_a_best_that_never_meets_stays(default_task):
@@ -134,7 +136,7 @@ def test_the_count_caps_the_timings_and_a_best_that_never_meets_stays(default_ta
     assert len(clock.timed) == 2 and summary["timed"] == 2 and evaluate.calls == 0
     assert result.best is best
     assert (summary["met"], summary["replaced"]) == (False, False)
-    assert summary["measured"] == pytest.approx(best.latency_ratio + 0.1)
+    assert summary["measured"] == pytest.approx(best.latency_ratio_table + 0.1)
 
 
 def test_the_second_correction_follows_the_line_through_the_last_two_timings(default_task):
@@ -203,7 +205,7 @@ def test_a_latency_search_returns_and_records_the_policy_checked_on_the_clock(
     that clock, and its accuracy is what an evaluator of its own says."""
     task = _linear(default_task)
     clock = Clock(task, lambda t: 1.06 * t)
-    monkeypatch.setattr(experiment_module, "latency_ratios", clock)
+    monkeypatch.setattr(latency_check_module, "latency_ratios", clock)
     limit = 0.7
     cfg = experiment_config(overrides=[
         "search.searchers=[random]", "search.evaluations=6", "search.workers=0",
@@ -224,7 +226,7 @@ def test_a_latency_search_returns_and_records_the_policy_checked_on_the_clock(
     assert metrics["best_latency_measured"] == pytest.approx(measured)
     assert metrics["latency_check_met"] == 1.0
     assert metrics["policy_accuracy"] == outcome.result.best.accuracy
-    assert result.rows()[0]["latency_ratio"] == pytest.approx(measured)
+    assert result.rows()[0]["latency_ratio_measured"] == pytest.approx(measured)
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", cfg.tracking.experiment)
     logged, _ = tracker.best_policy(run_id=outcome.run_id)
     assert logged["ratios"] == pytest.approx(outcome.policy.ratios)

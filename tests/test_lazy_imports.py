@@ -26,7 +26,7 @@ def imported_after(code: str) -> set[str]:
         "import autoprune.cli",
         "import autoprune",
         # what `best` / `runs` / `compare --recorded` load before answering from sqlite
-        "import autoprune.cli, autoprune.tracking.runstore, autoprune.policy",
+        "import autoprune.cli, autoprune.tracking.reader, autoprune.policy",
     ],
 )
 def test_nothing_heavy_is_imported(code: str) -> None:

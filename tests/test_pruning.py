@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from autoprune.costs.measure import count_params, measure_macs
-from autoprune.models import MODELS, build_model
+from autoprune.costs.counting import count_params, measure_macs
 from autoprune.engine.pruning import Ranking, light_copy, prune_model, ramp
-from autoprune.engine.space import PruningSpace, SpaceError
+from autoprune.engine.space import PruningSpace
+from autoprune.engine.units import SpaceError
+from autoprune.models import MODELS, build_model
 
 ZOO = sorted(MODELS)
 SHAPE = (1, 8, 8)

@@ -18,8 +18,9 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import checks
 
+from autoprune.service.app import create_app
 from autoprune.service.limits import Limits
-from autoprune.service.app import Settings, create_app
+from autoprune.service.settings import Settings
 
 TOKEN = "test-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -12,10 +12,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from autoprune.runner.experiment import ExperimentConfig, _resumed_config
+from autoprune.runner.config import ExperimentConfig
+from autoprune.runner.experiment import _resumed_config
+from autoprune.service.app import create_app
 from autoprune.service.jobs import JobManager
 from autoprune.service.limits import Limits
-from autoprune.service.app import Settings, create_app
+from autoprune.service.settings import Settings
 
 TOKEN = "guard-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -239,8 +241,8 @@ class _FakeContext:
 def test_resumed_launches_use_the_service_ray_and_leave_no_run_running(tmp_path, monkeypatch):
     import multiprocessing
 
-    from autoprune.runner.experiment import experiment_config
-    from autoprune.tracking.tracker import Tracker
+    from autoprune.runner.config import experiment_config
+    from autoprune.tracking.writer import Tracker
 
     seen: list[dict] = []
     monkeypatch.setattr(multiprocessing, "get_context", lambda _kind: _FakeContext(seen))
@@ -296,11 +298,21 @@ class _SilentContext(_FakeContext):
         return Dead()
 
 
+def _record(index: int):
+    """A made-up evaluation record (over budget) for a journal or a history."""
+    from autoprune.agents.base import Record
+
+    row = {"index": index, "ratios": {"conv1": 0.1 * index}, "accuracy": 0.8, "loss": 0.1}
+    return Record.from_dict(
+        {**row, "flops_ratio": 0.9, "params_ratio": 0.9, "meets_budget": False, "elapsed": 1.0}
+    )
+
+
 def _silent_outcome(tmp_path, monkeypatch, exitcode: int) -> tuple[str, str]:
     import multiprocessing
 
-    from autoprune.runner.experiment import experiment_config
-    from autoprune.tracking.tracker import Tracker
+    from autoprune.runner.config import experiment_config
+    from autoprune.tracking.writer import Tracker
 
     monkeypatch.setattr(multiprocessing, "get_context", lambda _kind: _SilentContext(exitcode))
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow-{exitcode}.db", "service")
@@ -327,10 +339,9 @@ def test_a_stopped_launch_gets_its_journaled_evaluations_into_mlflow(tmp_path, m
     import multiprocessing
     import signal
 
-    from autoprune.agents.base import Record
-
-    from autoprune.runner.experiment import Journal, experiment_config
-    from autoprune.tracking.tracker import Tracker
+    from autoprune.runner.config import experiment_config
+    from autoprune.runner.journal import Journal
+    from autoprune.tracking.writer import Tracker
 
     monkeypatch.chdir(tmp_path)  # launches share the service's working folder
     monkeypatch.setattr(
@@ -344,11 +355,10 @@ def test_a_stopped_launch_gets_its_journaled_evaluations_into_mlflow(tmp_path, m
         tracker.experiment_id, tags={"mlflow.parentRunId": job.id, "autoprune.kind": "search",
                                      "autoprune.searcher": "random", "autoprune.seed": "0"}
     ).info.run_id  # fmt: skip
-    tracker.log_rows(child, [Record(1, {"conv1": 0.1}, 0.8, 0.1, 0.9, 0.9, None, False, 0.1, 1.0)
-                             .to_dict()])  # fmt: skip
+    tracker.log_rows(child, [_record(1).to_dict()])
     journal = Journal(child)
     for i in (1, 2, 3):  # the first also reached MLflow, the other two only the journal
-        journal.append(Record(i, {"conv1": 0.1 * i}, 0.8, 0.1, 0.9, 0.9, None, False, 0.1, 1.0))
+        journal.append(_record(i))
     jobs._run(job, resume=True)
     assert job.state == "interrupted"
     assert [int(r["index"]) for r in tracker.history(child)] == [1, 2, 3]  # none twice
@@ -362,9 +372,9 @@ def test_a_cancel_the_launch_missed_is_signalled_again_after_the_grace(tmp_path,
     import signal
     import time
 
+    from autoprune.runner.config import experiment_config
     from autoprune.service import jobs as jobs_module
-    from autoprune.runner.experiment import experiment_config
-    from autoprune.tracking.tracker import Tracker
+    from autoprune.tracking.writer import Tracker
 
     kills: list[int] = []
 
@@ -424,8 +434,8 @@ def test_a_stop_signal_whose_unwind_breaks_is_still_a_stop(monkeypatch):
     import signal
     import time
 
+    from autoprune.runner.config import experiment_config
     from autoprune.service import jobs as jobs_module
-    from autoprune.runner.experiment import experiment_config
 
     def broken_unwind(cfg, resume, hooks):
         try:
@@ -543,8 +553,8 @@ def test_processes_a_killed_service_left_are_stopped_on_the_next_start(tmp_path)
 def test_limits_are_listed_in_serve_help_and_set_by_name():
     from typer.testing import CliRunner
 
-    from autoprune.service import limits
     from autoprune.cli import app
+    from autoprune.service import limits
 
     shown = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "400"})
     assert shown.exit_code == 0

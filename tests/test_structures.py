@@ -18,16 +18,17 @@ import torch.nn.functional as F
 from structures import PARTLY, REFUSED, SHAPE, STRUCTURES, randomize_norms
 from torch import nn
 
-from autoprune.costs.measure import count_params, measure_macs
+from autoprune.costs.counting import count_params, measure_macs
 from autoprune.engine.equivalence import (
     TOLERANCE,
     equivalence_error,
     masked_reference,
     verify_channel_pruning,
 )
-from autoprune.models import MODELS, build_model, load_checkpoint
 from autoprune.engine.pruning import Ranking, prune_model
-from autoprune.engine.space import PruningSpace, SpaceError
+from autoprune.engine.space import PruningSpace
+from autoprune.engine.units import SpaceError
+from autoprune.models import MODELS, build_model, load_checkpoint
 
 torch.set_num_threads(1)
 
@@ -242,21 +243,22 @@ def test_flatten_mapping_past_every_tensor_refuses_that_unit_only(
     """torch-pruning's flatten mappings, applied on top of each other (Swin), reach indices no
     tensor has and grow to gigabytes; past the largest tensor of the forward pass the
     unit is refused at once, and a real flatten (5 channels x 16 positions) is not."""
+    import autoprune.engine.depgraph as depgraph
     import autoprune.engine.space as space_mod
 
     model = _FlattenHead().eval()
-    assert space_mod._largest_tensor(model, torch.zeros(1, *SHAPE)) == 6 * 8 * 8  # c1's output
+    assert depgraph.largest_tensor(model, torch.zeros(1, *SHAPE)) == 6 * 8 * 8  # c1's output
     space = PruningSpace(model, SHAPE, "channel")
     assert space.names == ["c1", "c2", "fc1"]
     verify_channel_pruning(model, space)
     # the same model, with the bound set below the flatten's 80 features: only c2 is refused
-    monkeypatch.setattr(space_mod, "_largest_tensor", lambda *_: 79)
+    monkeypatch.setattr(space_mod, "largest_tensor", lambda *_: 79)
     with pytest.raises(SpaceError, match=r"unit 'c2'.*_IndexOverflow.*index 79,.*79 elements"):
         PruningSpace(model, SHAPE, "channel")
     kept = PruningSpace(model, SHAPE, "channel", ignore=["c2"])
     assert kept.names == ["c1", "fc1"]
     verify_channel_pruning(model, kept)
-    assert space_mod._INDEX_LIMIT.get() is None  # the bound holds only while a space is built
+    assert depgraph._INDEX_LIMIT.get() is None  # the bound holds only while a space is built
 
 
 def test_grouped_conv_shared_by_two_units_is_refused():
@@ -336,8 +338,9 @@ def test_ignore_unsupported_experiment_records_the_units_kept_out(tmp_path: Path
     rebuilds the same space from it."""
     from structures import build
 
-    from autoprune.runner.experiment import experiment_config, run_experiment
-    from autoprune.tracking.tracker import TrackingStore
+    from autoprune.runner.config import experiment_config
+    from autoprune.runner.experiment import run_experiment
+    from autoprune.tracking.reader import TrackingStore
 
     torch.save(build(arch="vit").state_dict(), tmp_path / "dense.pt")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -350,7 +353,7 @@ def test_ignore_unsupported_experiment_records_the_units_kept_out(tmp_path: Path
     result = run_experiment(cfg)
     skipped = result.task.skipped
     assert skipped and TrackingStore(uri).config_of(result.parent_id)["ignore"] == skipped
-    assert set(result.best().policy.ratios) == set(result.task.units)
+    assert set(result.best.policy.ratios) == set(result.task.units)
     again = run_experiment(experiment_config(overrides=[f"tracking.uri={uri}"]),
                            resume=result.parent_id)  # fmt: skip
     assert again.task.units == result.task.units and again.task.config.ignore == skipped

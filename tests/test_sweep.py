@@ -13,9 +13,11 @@ from typer.testing import CliRunner
 
 from autoprune.cli import app
 from autoprune.config import ConfigError
-from autoprune.runner.experiment import experiment_config
-from autoprune.runner.sweep import frontier_points, plot_frontier, run_sweep, split_budgets
-from autoprune.tracking.tracker import TrackingStore
+from autoprune.frontier import frontier_points
+from autoprune.plots import plot_frontier
+from autoprune.runner.config import experiment_config
+from autoprune.runner.sweep import run_sweep, split_budgets
+from autoprune.tracking.reader import TrackingStore
 
 BIN = Path(sys.executable).parent
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,7 @@ import torch
 
 import autoprune as ap
 from autoprune.apply import load_pruned, save_pruned
-from autoprune.costs.measure import measure_macs
+from autoprune.costs.counting import measure_macs
 from autoprune.data import DataError
 from autoprune.models import ModelError
 from autoprune.training import evaluate_accuracy, recalibrate_bn
@@ -149,8 +149,8 @@ def test_apply_checks_the_budget_against_measured_costs(default_task, monkeypatc
     the pruned model itself, latency as timed (here a made-up timing that misses the limit), at
     the batch size of the task's latency budget."""
     import autoprune.apply
-    from autoprune.cli import budget_lines
-    from autoprune.costs.measure import count_params, measure_macs
+    from autoprune.cli.render import budget_lines
+    from autoprune.costs.counting import count_params, measure_macs
 
     vec = default_task.project(np.zeros(len(default_task.units)), ap.Budget.parse("flops=0.5"))
     batches: list[int] = []

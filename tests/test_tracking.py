@@ -26,15 +26,9 @@ from autoprune.agents.base import Record, SearchResult
 from mlflow.entities import Metric
 
 from autoprune.policy import Policy
-from autoprune.tracking.runstore import SqliteRuns, Unsupported, run_reader
-from autoprune.tracking.tracker import (
-    SearchLogger,
-    Tracker,
-    TrackingError,
-    TrackingStore,
-    check_tracking_uri,
-    resolve_tracking_uri,
-)
+from autoprune.tracking.reader import SqliteRuns, TrackingStore, Unsupported, run_reader
+from autoprune.tracking.store import TrackingError, check_tracking_uri, resolve_tracking_uri
+from autoprune.tracking.writer import SearchLogger, Tracker
 
 UNITS = ("stem", "layers.0.c1", "layers.1.c1")
 BUDGET = {"flops": 0.25}
@@ -44,19 +38,23 @@ CONFIG = {"model": {"name": "toy", "kwargs": {}}, "budget": BUDGET, "notes": "x"
 def make_record(index: int, shift: float = 0.0) -> Record:
     """A made-up evaluation: every third one is over budget, accuracy varies with the index."""
     flops = 0.2 if index % 3 else 0.4
-    return Record(
-        index=index,
-        ratios={unit: round(0.1 * ((index + k) % 6), 2) for k, unit in enumerate(UNITS)},
-        accuracy=0.5 + 0.04 * (index % 10) + shift,
-        loss=1.0 / index,
-        flops_ratio=flops,
-        params_ratio=flops + 0.05,
-        latency_ratio=None,
-        meets_budget=flops <= BUDGET["flops"],
-        eval_seconds=0.07,
-        elapsed=0.07 * index,
-        reward=float(index) if index % 2 else None,
-        note="warm-up" if index <= 2 else "",
+    return Record.from_dict(
+        {
+            "index": index,
+            "ratios": {unit: round(0.1 * ((index + k) % 6), 2) for k, unit in enumerate(UNITS)},
+            "accuracy": 0.5 + 0.04 * (index % 10) + shift,
+            "loss": 1.0 / index,
+            "flops_ratio": flops,
+            "params_ratio": flops + 0.05,
+            "macs": flops * 4e7,
+            "params": (flops + 0.05) * 3e5,
+            "latency_ratio_table": None,
+            "meets_budget": flops <= BUDGET["flops"],
+            "eval_seconds": 0.07,
+            "elapsed": 0.07 * index,
+            "reward": float(index) if index % 2 else None,
+            "note": "warm-up" if index <= 2 else "",
+        }
     )
 
 
@@ -212,7 +210,7 @@ def test_logger_batches_metrics_by_step(tracker: Tracker, monkeypatch: pytest.Mo
     assert {m.step: m.value for m in accuracy}[7] == pytest.approx(make_record(7).accuracy)
     rewards = tracker.client.get_metric_history(run_id, "reward")
     assert sorted(m.step for m in rewards) == list(range(1, 121, 2))  # None is skipped
-    assert tracker.client.get_metric_history(run_id, "latency_ratio") == []
+    assert tracker.client.get_metric_history(run_id, "latency_ratio_table") == []
     best = {m.step: m.value for m in tracker.client.get_metric_history(run_id, "best_accuracy")}
     assert min(best) == 1 and best[120] == pytest.approx(max(result.best_so_far()))
     meets = {m.step: m.value for m in tracker.client.get_metric_history(run_id, "meets_budget")}
@@ -239,7 +237,7 @@ def test_finish_writes_artifacts(tracker: Tracker, tmp_path: Path) -> None:
     )
     rows = list(csv.DictReader(read_artifact(tracker, child, "history.csv", tmp_path).splitlines()))
     assert len(rows) == 30
-    assert rows[2]["meets_budget"] == "0" and rows[0]["latency_ratio"] == ""
+    assert rows[2]["meets_budget"] == "0" and rows[0]["latency_ratio_table"] == ""
     assert rows[0]["ratio.layers.0.c1"] == str(make_record(1).ratios["layers.0.c1"])
 
     tracker.log_table(parent, [{"searcher": "random", "acc": 0.912345}, {"searcher": "x|y"}], "cmp")
@@ -314,7 +312,7 @@ def test_history_survives_a_killed_search(tracker: Tracker) -> None:
     store = TrackingStore(tracker.uri)
     history = store.history(run_id)
     assert [row["index"] for row in history] == list(range(1, 51))
-    assert Record(**history[6]) == make_record(7)
+    assert Record.from_dict(history[6]) == make_record(7)
 
     tracker.mark(run_id, "KILLED")  # flushes the rest, ends the run
     assert len(store.history(run_id)) == 70

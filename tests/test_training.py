@@ -23,6 +23,7 @@ from autoprune.training import (
     recalibrate_bn,
     resolve_device,
     train,
+    train_checkpoint,
 )
 
 
@@ -119,6 +120,20 @@ def test_tiny_model_trains_above_chance(digits: DataSplits) -> None:
     assert len(history["train_loss"]) == 3
     assert history["train_loss"][-1] < history["train_loss"][0]
     assert history["test_acc"] > 0.5  # chance is 0.1
+
+
+def test_train_checkpoint_saves_weights_that_score_as_reported(tmp_path) -> None:
+    from autoprune.config import task_config
+    from autoprune.models import build_model
+
+    cfg = task_config(None, ["model.name=plain20", "train.epochs=1", "data.name=digits"])
+    torch.manual_seed(0)
+    history = train_checkpoint(cfg, tmp_path / "sub" / "plain20.pt")
+    data = load_data(cfg.data)
+    model = build_model("plain20", data.in_channels, data.num_classes)
+    model.load_state_dict(torch.load(tmp_path / "sub" / "plain20.pt", weights_only=True))
+    acc, _ = evaluate_accuracy(model, data.x_test, data.y_test, batch_size=100)
+    assert acc == pytest.approx(history["test_acc"], abs=1e-6)
 
 
 def test_train_is_deterministic(digits: DataSplits) -> None:

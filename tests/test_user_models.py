@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from structures import randomize_norms
 from torch import nn
 
-from autoprune.costs.measure import count_params, measure_macs
+from autoprune.costs.counting import count_params, measure_macs
 from autoprune.engine.criteria import CriterionContext, compute_scores
 from autoprune.engine.equivalence import TOLERANCE, equivalence_error, verify_channel_pruning
 from autoprune.engine.pruning import Ranking, prune_model
-from autoprune.engine.space import PruningSpace, SpaceError
+from autoprune.engine.space import PruningSpace
+from autoprune.engine.units import SpaceError
 
 torch.set_num_threads(1)
 SHAPE = (3, 12, 12)

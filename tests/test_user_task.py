@@ -169,7 +169,8 @@ def test_bad_user_input_is_refused_before_any_search():
 
 
 def test_user_task_experiment_is_tracked_in_mlflow(tmp_path: Path):
-    from autoprune.runner.experiment import experiment_config, run_experiment
+    from autoprune.runner.config import experiment_config
+    from autoprune.runner.experiment import run_experiment
 
     task = _loader_task(metric=top1_percent)
     cfg = experiment_config(overrides=[
@@ -178,12 +179,12 @@ def test_user_task_experiment_is_tracked_in_mlflow(tmp_path: Path):
         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
     ])  # fmt: skip
     result = run_experiment(cfg, task=task)
-    best = result.best()
+    best = result.best
     assert best.policy.fingerprint["model"] == "SmallNet (nn.Module)"
     assert set(best.policy.ratios) == set(task.units)
 
 
-def test_user_task_drives_the_environment_and_sensitivity():
+def test_user_task_drives_the_environment_and_sensitivity(tmp_path: Path):
     from autoprune.envs.pruning_env import PruningEnv
     from gymnasium.utils.env_checker import check_env
 
@@ -200,6 +201,12 @@ def test_user_task_drives_the_environment_and_sensitivity():
     assert info["evaluation"]["flops_ratio"] <= 0.6 + 1e-9
     sens = scan(Evaluator(task), grid=[0.5])
     assert set(sens.units) == set(task.units)
+    import csv
+
+    with sens.save_csv(tmp_path / "sens.csv").open() as f:
+        read = list(csv.DictReader(f))
+    assert [r["unit"] for r in read] == list(sens.units)
+    assert [float(r["accuracy"]) for r in read] == pytest.approx(sens.accuracy[:, 0].tolist())
 
 
 def test_the_loss_reward_is_refused_for_a_task_with_its_own_metric():

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoprune.engine.space import Member, PruningSpace, Unit
+from autoprune.engine.space import PruningSpace
 from autoprune.engine.surgery import LAYERS, out_major
+from autoprune.engine.units import Member, Unit
 
 Scores = list[np.ndarray]
 

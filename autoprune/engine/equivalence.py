@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoprune.costs.measure import count_params, measure_macs
+from autoprune.costs.counting import count_params, measure_macs
 from autoprune.engine.pruning import Ranking, channels_to_remove, prune_model
-from autoprune.engine.space import PruningSpace, SpaceError
+from autoprune.engine.space import PruningSpace
 from autoprune.engine.surgery import norm_channels
+from autoprune.engine.units import SpaceError
 
 TOLERANCE = 1e-4  # max |pruned - reference| relative to 1 + max |reference| (float32)
 

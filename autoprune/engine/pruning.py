@@ -2,8 +2,8 @@
 
 The input model is never mutated. Channel pruning physically removes channels with the
 surgery of :mod:`autoprune.engine.surgery`, from the dependency groups recorded once in the
-:class:`~autoprune.engine.space.PruningSpace` (no re-trace per policy): each layer is cut once, with the
-union of every unit's channels in original indices. Fine-grained and N:M pruning
+:class:`~autoprune.engine.space.PruningSpace` (no re-trace per policy): each layer is cut once,
+with the union of every unit's channels in original indices. Fine-grained and N:M pruning
 zero the least important weights of each unit; with ``persistent=True`` the zeros are kept by a
 ``torch.nn.utils.prune`` mask, so they stay zero while the model is fine-tuned.
 """

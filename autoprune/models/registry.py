@@ -99,7 +99,8 @@ def uncompiled(model: nn.Module) -> nn.Module:
 
 def classifier_name(model: nn.Module) -> str:
     """Name of the final Linear layer (the zoo's classifier). Pruning finds the classifier by
-    output size instead (:func:`autoprune.engine.space.find_classifier`), which also covers conv heads."""
+    output size instead (:func:`autoprune.engine.geometry.find_classifier`), which also covers
+    conv heads."""
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not names:
         raise ModelError(f"{type(model).__name__} has no nn.Linear classifier")

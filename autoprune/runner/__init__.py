@@ -1,1 +1,2 @@
-"""The search runner: experiment configs, runs of several searchers and seeds, sweeps."""
+"""The search runner: experiment configs, runs of searchers x seeds (their crash journal and
+latency clock check), sweeps."""

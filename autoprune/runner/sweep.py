@@ -1,11 +1,11 @@
 """Accuracy-vs-budget sweeps: the same searchers and seeds at several budgets, and the frontier.
 
-:func:`run_sweep` runs one experiment (:func:`autoprune.runner.experiment.run_experiment`) per budget,
-in the order given, each its own MLflow parent run (with its child runs per searcher and seed)
-in the config's experiment; every parent run is tagged ``autoprune.runner.sweep`` (the sweep's budgets)
-and ``autoprune.sweep_index``. Every budget is checked before any work: a malformed one is a
-:class:`~autoprune.config.ConfigError` before the task is built, and one the task cannot reach
-is refused once the task is built, before the first run starts. Budgets may use different
+:func:`run_sweep` runs one experiment (:func:`autoprune.runner.experiment.run_experiment`) per
+budget, in the order given, each its own MLflow parent run (with its child runs per searcher and
+seed) in the config's experiment; every parent run is tagged ``autoprune.sweep`` (the sweep's
+budgets) and ``autoprune.sweep_index``. Every budget is checked before any work: a malformed one
+is a :class:`~autoprune.config.ConfigError` before the task is built, and one the task cannot
+reach is refused once the task is built, before the first run starts. Budgets may use different
 metrics (``flops=0.5`` and ``params=0.5`` in one sweep).
 
 The result has one row per budget x searcher x seed (``{"budget": ..., **Outcome.row()}``).
@@ -14,9 +14,10 @@ searcher and budget, the mean and standard deviation over seeds of the achieved 
 of the accuracy; :func:`plot_frontier` draws them (accuracy in % against the achieved cost
 ratio, error bars over seeds, the individual seeds as a faint scatter). Both work from plain
 row dicts with the keys ``searcher``, ``budget`` and the chosen cost and accuracy keys, so any
-script can plot its own rows.
+script can plot its own rows. :func:`save_frontier`, :func:`save_rows` and :func:`log_sweep`
+store what ``autoprune sweep`` shows: the frontier plot, the rows as CSV, and both in MLflow.
 
-    from autoprune.runner.experiment import experiment_config
+    from autoprune.runner.config import experiment_config
     from autoprune.runner.sweep import run_sweep
 
     sweep = run_sweep(experiment_config(overrides=["search.searchers=[uniform,random]"]),
@@ -27,25 +28,19 @@ script can plot its own rows.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from autoprune.budget import Budget, BudgetError
 from autoprune.config import ConfigError
-from autoprune.runner.experiment import ExperimentConfig, ExperimentResult, Hooks, Outcome, run_experiment
+from autoprune.frontier import frontier_points
+from autoprune.plots import plot_frontier
+from autoprune.runner.config import ExperimentConfig
+from autoprune.runner.experiment import ExperimentResult, Hooks, Outcome, run_experiment
 from autoprune.task import Task
-
-COST_LABELS = {
-    "flops_ratio": "achieved FLOPs ratio",
-    "params_ratio": "achieved params ratio",
-    "latency_ratio": "achieved latency ratio",
-}
-
 
 # ------------------------------------------------------------------ budgets
 
@@ -108,6 +103,7 @@ class SweepResult:
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     results: list[ExperimentResult] = field(default_factory=list)
+    budgets: list[Budget] = field(default_factory=list)
 
     def frontier(
         self, accuracy_key: str = "test_accuracy", cost_key: str = "flops_ratio"
@@ -161,7 +157,7 @@ def run_sweep(
     parsed = parse_budgets(budgets)
     sweep_hooks = _SweepHooks(hooks or Hooks(), parsed)
     label = "; ".join(str(b) for b in parsed)
-    sweep = SweepResult()
+    sweep = SweepResult(budgets=parsed)
     for i, budget in enumerate(parsed):
         search = config.search.model_copy(update={"budget": str(budget)})
         cfg = config.model_copy(update={"search": search})
@@ -173,120 +169,51 @@ def run_sweep(
 
 
 def _tag(result: ExperimentResult, tags: dict[str, str]) -> None:
-    from autoprune.tracking.tracker import TrackingStore
+    from autoprune.tracking.reader import TrackingStore
 
     store = TrackingStore(result.tracking_uri)
     for key, value in tags.items():
         store.client.set_tag(result.parent_id, key, value)
 
 
-# ------------------------------------------------------------------ frontier
+# ------------------------------------------------------------------ saving
 
 
-def _value(row: dict[str, Any], key: str) -> float | None:
-    value = row.get(key)
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
+def frontier_keys(sweep: SweepResult, config: ExperimentConfig) -> tuple[str, str]:
+    """The accuracy and cost a sweep's frontier shows: test accuracy after fine-tuning when the
+    config fine-tunes, else before; the params ratio when every budget is params only, else
+    the FLOPs ratio."""
+    accuracy = "test_accuracy_finetuned" if config.search.finetune_epochs else "test_accuracy"
+    only_params = all(b.metrics == ("params",) for b in sweep.budgets)
+    return accuracy, "params_ratio" if only_params else "flops_ratio"
 
 
-def _grouped(
-    rows: Sequence[dict[str, Any]], accuracy_key: str, cost_key: str
-) -> dict[str, dict[str, list[tuple[float, float]]]]:
-    """searcher -> budget -> [(cost, accuracy) per seed], skipping rows missing either value."""
-    out: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    for row in rows:
-        accuracy, cost = _value(row, accuracy_key), _value(row, cost_key)
-        if accuracy is None or cost is None:
-            continue
-        by_budget = out.setdefault(str(row["searcher"]), {})
-        by_budget.setdefault(str(row.get("budget")), []).append((cost, accuracy))
-    return out
+def save_frontier(sweep: SweepResult, config: ExperimentConfig, path: Path) -> Any:
+    """The frontier plot (:func:`frontier_keys`, titled with the task) written to ``path`` as
+    PNG; returns the figure (for :func:`log_sweep`)."""
+    title = f"{config.model.name} on {config.data.name}, {config.granularity}"
+    figure = sweep.plot(*frontier_keys(sweep, config), title=title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return figure
 
 
-def _std(values: np.ndarray) -> float:
-    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+def save_rows(sweep: SweepResult, path: Path) -> Path:
+    """Every row (budget x searcher x seed) written to ``path`` as CSV."""
+    import pandas as pd
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(sweep.rows).to_csv(path, index=False)
+    return path
 
 
-def mean_std(values: Sequence[Any]) -> tuple[float, float, int] | None:
-    """Mean, sample std (0 for one value) and count of the finite values; None if there are none.
-    The spread every sweep and benchmark table reports."""
-    finite = [v for v in (_value({"v": x}, "v") for x in values) if v is not None]
-    if not finite:
-        return None
-    arr = np.array(finite)
-    return float(arr.mean()), _std(arr), len(finite)
+def log_sweep(sweep: SweepResult, figure: Any) -> ExperimentResult:
+    """The frontier figure (``sweep.png``) and the rows (``sweep.md`` / ``sweep.csv``) logged to
+    the last budget's parent run; returns that budget's experiment."""
+    from autoprune.tracking.writer import Tracker
 
-
-def frontier_points(
-    rows: Sequence[dict[str, Any]],
-    accuracy_key: str = "test_accuracy",
-    cost_key: str = "flops_ratio",
-) -> dict[str, list[dict[str, Any]]]:
-    """Per searcher, one point per budget, sorted by cost: ``{"budget", "cost", "cost_std",
-    "accuracy", "accuracy_std", "n"}`` (mean and sample std over the seeds; std 0 for one seed).
-    Rows whose accuracy or cost is missing (None or NaN) are skipped."""
-    out: dict[str, list[dict[str, Any]]] = {}
-    for searcher, by_budget in _grouped(rows, accuracy_key, cost_key).items():
-        points = []
-        for budget, pairs in by_budget.items():
-            costs = np.array([c for c, _ in pairs])
-            accuracies = np.array([a for _, a in pairs])
-            points.append(
-                {
-                    "budget": budget,
-                    "cost": float(costs.mean()),
-                    "cost_std": _std(costs),
-                    "accuracy": float(accuracies.mean()),
-                    "accuracy_std": _std(accuracies),
-                    "n": len(pairs),
-                }
-            )
-        out[searcher] = sorted(points, key=lambda p: (p["cost"], p["budget"]))
-    return out
-
-
-def plot_frontier(
-    rows: list[dict[str, Any]],
-    accuracy_key: str = "test_accuracy",
-    cost_key: str = "flops_ratio",
-    title: str | None = None,
-    ax: Any = None,
-) -> Any:
-    """Accuracy (%) vs achieved cost ratio: per searcher a line through its budgets (mean over
-    seeds, error bars one std in both directions) and its seeds as a faint scatter.
-
-    Draws into ``ax`` when given (and returns ``ax.figure``); otherwise returns a new
-    :class:`matplotlib.figure.Figure`.
-    """
-    from matplotlib.figure import Figure
-
-    own = ax is None
-    if own:
-        ax = Figure(figsize=(6, 4)).add_subplot()
-    points = frontier_points(rows, accuracy_key, cost_key)
-    seeds = _grouped(rows, accuracy_key, cost_key)
-    for i, (searcher, line) in enumerate(points.items()):
-        color = f"C{i % 10}"
-        scattered = [pair for pairs in seeds[searcher].values() for pair in pairs]
-        ax.scatter(
-            [c for c, _ in scattered], [100 * a for _, a in scattered],
-            color=color, alpha=0.25, s=14, linewidths=0,
-        )  # fmt: skip
-        ax.errorbar(
-            [p["cost"] for p in line], [100 * p["accuracy"] for p in line],
-            xerr=[p["cost_std"] for p in line], yerr=[100 * p["accuracy_std"] for p in line],
-            color=color, marker="o", markersize=4, capsize=3, label=searcher,
-        )  # fmt: skip
-    if not points:
-        ax.text(0.5, 0.5, "no points", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel(COST_LABELS.get(cost_key, cost_key))
-    ax.set_ylabel(f"{accuracy_key.replace('_', ' ')} %")
-    ax.set_title(title if title is not None else f"{accuracy_key} vs {cost_key}")
-    ax.grid(alpha=0.3)
-    if points:
-        ax.legend(fontsize="small")
-    if own:
-        ax.figure.tight_layout()
-    return ax.figure
+    last = sweep.results[-1]
+    tracker = Tracker(last.tracking_uri, last.experiment)
+    tracker.log_figure(last.parent_id, figure, "sweep.png")
+    tracker.log_table(last.parent_id, sweep.rows, "sweep")
+    return last

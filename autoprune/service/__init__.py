@@ -1,1 +1,1 @@
-"""The HTTP service: settings, request schemas and validation, routes, and the job manager."""
+"""The HTTP service: settings, schemas, request validation, checkpoints, searches, routes, jobs."""

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from autoprune.service.app import Settings
+from autoprune.service.settings import API, Settings
 
-API = "/v1"
 PUBLIC = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 

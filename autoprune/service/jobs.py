@@ -13,24 +13,16 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from autoprune.agents import get_searcher
-from autoprune.runner.experiment import (
-    ExperimentConfig,
-    Hooks,
-    Journal,
-    _evaluations_for,
-    _recover,
-    run_experiment,
-    seeds_for,
-)
-from autoprune.tracking.tracker import Tracker
-
-if TYPE_CHECKING:
-    from autoprune.service.app import Settings
+from autoprune.runner.config import ExperimentConfig, evaluations_for, seeds_for
+from autoprune.runner.experiment import Hooks, _recover, run_experiment
+from autoprune.runner.journal import Journal
+from autoprune.service.settings import Settings
+from autoprune.tracking.writer import Tracker
 
 KIND_TAG = "autoprune.service.kind"  # search | comparison
 STATE_TAG = "autoprune.service.state"  # queued | running | finished | failed | cancelled
@@ -58,7 +50,7 @@ def requested(cfg: ExperimentConfig) -> int | None:
     for name in cfg.search.searchers:
         options = cfg.search.options.get(name, {})
         fixed = get_searcher(name).fixed_evaluations
-        limit = _evaluations_for(cfg.search, name)
+        limit = evaluations_for(cfg.search, name)
         if fixed is not None and "evaluations" not in options:
             n = fixed
         elif limit is not None:

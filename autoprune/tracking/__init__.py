@@ -1,1 +1,1 @@
-"""MLflow tracking: writing runs, reading them back, and the figures and tables they carry."""
+"""MLflow tracking: the store and its URIs, writing runs, reading them back, rows as tables."""

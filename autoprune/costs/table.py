@@ -1,32 +1,28 @@
-"""Resource costs of a (possibly pruned) model: MACs, parameters, measured latency, and
-NetAdapt's per-layer latency lookup table.
+"""NetAdapt's per-layer latency lookup table: predict a channel-pruned model's latency without
+running it.
 
-* :func:`measure_macs` traces one forward pass with ``FlopCounterMode``; with ``nonzero_only``
-  the conv / linear layers count only their non-zero weights, which is how the design counts the
-  FLOPs of fine-grained and N:M pruned models (masked with zeros, not physically smaller).
-* :func:`count_params` counts parameters, optionally without the zeros of pruned weights.
-* :func:`measure_latency` is the median wall time of a forward pass on CPU;
-  :func:`measure_latencies` times several models in the same interleaved rounds (for ratios).
-* :class:`LatencyTable` predicts the latency of a channel-pruned model without running it:
-  NetAdapt (Yang et al., ECCV 2018, section 3.3) measures every layer once at a grid of
-  (in, out) channel counts and sums per-layer lookups. The table is cached on disk because
-  building it takes seconds and the search asks it thousands of times.
+:class:`LatencyTable`: NetAdapt (Yang et al., ECCV 2018, section 3.3) measures every layer once
+at a grid of (in, out) channel counts and sums per-layer lookups. A :class:`LayerSpec` is what
+determines one layer's latency, a :class:`LayerLatency` its measured grid. The table is cached
+on disk (:func:`default_cache_dir`, keyed by the layers, the arguments, torch and the CPU)
+because building it takes seconds and the search asks it thousands of times.
+
+One concept, a little over 500 lines: what a layer is (its spec), how it is measured (replicas on
+a channel grid, calibration) and how the table is kept (cache key, atomic file) change together
+whenever the table's format does, so they stay in one module.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import itertools
 import json
 import logging
 import os
 import platform
-import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext, suppress
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,9 +30,17 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from autoprune.engine.surgery import LAYERS, TRANSPOSED
+from autoprune.costs.forward import (
+    check_positive,
+    check_shape,
+    checked_forward,
+    eval_mode,
+    hooks,
+    is_layer,
+    model_device,
+)
+from autoprune.costs.latency import cpu_forward, num_threads, round_robin
 
 logger = logging.getLogger(__name__)
 
@@ -48,301 +52,7 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
     cls.__name__: cls
     for cls in (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Hardsigmoid)
 }
-_FORWARD_ERRORS = (RuntimeError, ValueError, IndexError)
 _WARMUP_ROUNDS = 3  # untimed rounds of table measurements (first calls allocate and plan)
-
-
-# ----------------------------------------------------------------------------- shared helpers
-
-
-def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
-    """``input_shape`` as a tuple of positive ints (one sample, no batch dimension)."""
-    shape = tuple(int(s) for s in input_shape)
-    if not shape or any(s < 1 for s in shape):
-        raise ValueError(f"input_shape must be a non-empty tuple of positive ints, got {shape}")
-    return shape
-
-
-def _check_positive(**values: int | None) -> None:
-    """Raise a ValueError naming the first argument that is below 1 (``None`` is allowed)."""
-    for name, value in values.items():
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for a stateless model)."""
-    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside the block; every submodule's own train/eval flag restored after."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
-@contextmanager
-def _num_threads(threads: int | None) -> Iterator[None]:
-    """``torch.set_num_threads(threads)`` inside the block, the previous count restored after
-    (also on error). ``None`` leaves the thread count alone."""
-    if threads is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@contextmanager
-def _hooks(
-    model: nn.Module, select: Callable[[nn.Module], bool], hook: Callable[..., Any], pre: bool
-) -> Iterator[None]:
-    """Register ``hook`` as a forward (pre-)hook on every selected submodule for the block."""
-    handles = [
-        m.register_forward_pre_hook(hook) if pre else m.register_forward_hook(hook)
-        for m in model.modules()
-        if select(m)
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _check_conv_rank(module: nn.Module, inputs: tuple[Any, ...]) -> None:
-    """Forward pre-hook: a conv must see a batched input. A missing channel dimension would
-    otherwise pass silently, because ``Conv2d`` also accepts unbatched (C, H, W) tensors."""
-    assert isinstance(module, nn.modules.conv._ConvNd)
-    want = len(module.kernel_size) + 2
-    got = inputs[0].dim()
-    if got != want:
-        raise ValueError(f"{type(module).__name__} expects a {want}-D batched input, got {got}-D")
-
-
-def _forward(model: nn.Module, x: torch.Tensor, input_shape: tuple[int, ...]) -> Any:
-    """``model(x)``, with a forward failure re-raised as a ValueError naming ``input_shape``."""
-    is_conv = lambda m: isinstance(m, nn.modules.conv._ConvNd)  # noqa: E731
-    try:
-        with _hooks(model, is_conv, _check_conv_rank, pre=True):
-            return model(x)
-    except _FORWARD_ERRORS as err:
-        raise ValueError(
-            f"input_shape {input_shape} does not fit the model ({err}); input_shape is one "
-            "sample without the batch dimension, e.g. (C, H, W)"
-        ) from err
-
-
-# ----------------------------------------------------------------------------- MACs and params
-
-
-@contextmanager
-def _countable_attention() -> Iterator[None]:
-    """Run attention through operations FlopCounterMode counts: ``nn.MultiheadAttention`` (and
-    the transformer layers) without their fused eval-mode fast path, and
-    ``scaled_dot_product_attention`` with its math kernel (the fused CPU kernels are not counted,
-    so attention's projections and products would be missing from the MACs)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    previous = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(previous)
-
-
-def _is_layer(module: nn.Module) -> bool:
-    return isinstance(module, LAYERS)
-
-
-def measure_macs(model: nn.Module, input_shape: tuple[int, ...], nonzero_only: bool = False) -> int:
-    """Multiply-accumulates of one forward pass for one sample (``input_shape`` has no batch).
-
-    Counted by ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2), so only what it counts:
-    convolutions and matrix products (mm / addmm / bmm). Batch norm, pooling, activations,
-    element-wise adds and biases are not counted.
-
-    ``nonzero_only=True`` is for fine-grained / N:M pruned models whose weights are zeros: each
-    ``nn.Conv2d`` counts (output positions) x nnz(weight) and each ``nn.Linear`` counts
-    nnz(weight) x (input rows per sample) instead of its dense count (1-D and 3-D convolutions
-    as 2-D ones); everything else stays as
-    traced. Both ``torch.nn.utils.prune`` masks and plainly zeroed weights are seen, because the
-    hook reads ``module.weight`` after the reparametrisation has run.
-
-    The pass runs in eval mode under ``torch.no_grad`` on the model's device, with attention's
-    fused kernels off (FlopCounterMode does not count them); the model's train/eval flags and
-    parameters are unchanged afterwards.
-    """
-    shape = _check_shape(input_shape)
-    x = torch.zeros((1, *shape), device=_model_device(model))
-    layers: list[tuple[int, int]] = []  # (dense, non-zero) MACs of every conv / linear call
-
-    def record(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        layers.append(_layer_macs(module, inputs[0], output))
-
-    sparse = _hooks(model, _is_layer, record, pre=False) if nonzero_only else nullcontext()
-    counter = FlopCounterMode(display=False)
-    with _eval_mode(model), torch.no_grad(), _countable_attention(), sparse, counter:
-        _forward(model, x, shape)
-    dense = int(counter.get_total_flops()) // 2
-    return dense - sum(d for d, _ in layers) + sum(n for _, n in layers)
-
-
-def _layer_macs(module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> tuple[int, int]:
-    """(dense, non-zero) MACs of one conv / linear call on a batch of one.
-
-    Both are (positions the weight is applied at) x (weight count): a conv weight already holds
-    in / groups channels per filter and runs at every output position, a transposed conv's at
-    every input position, and a linear layer runs once per input row.
-    """
-    weight = module.weight
-    assert isinstance(weight, torch.Tensor)
-    if isinstance(module, TRANSPOSED):
-        rows = x.numel() // x.shape[1]
-    else:
-        rows = output.numel() // weight.shape[0]
-    return rows * weight.numel(), rows * int(torch.count_nonzero(weight))
-
-
-def count_params(model: nn.Module, nonzero_only: bool = False) -> int:
-    """Number of parameters (shared parameters once; buffers such as pruning masks never).
-
-    With ``nonzero_only`` the zeros of weight tensors (2-D and up: conv and linear weights) are
-    excluded, and a ``torch.nn.utils.prune`` reparametrised tensor counts the non-zeros of
-    ``<name>_orig * <name>_mask``. 1-D parameters (biases, BN scales) count in full: a zero there
-    is a value, not a pruned weight.
-    """
-    total = 0
-    seen: set[int] = set()
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if id(param) not in seen:
-                seen.add(id(param))
-                total += _param_count(module, name, param, nonzero_only)
-    return total
-
-
-def _param_count(module: nn.Module, name: str, param: torch.Tensor, nonzero_only: bool) -> int:
-    if not nonzero_only:
-        return param.numel()
-    mask = module._buffers.get(name.removesuffix("_orig") + "_mask")
-    if name.endswith("_orig") and mask is not None:
-        return int(torch.count_nonzero(param.detach() * mask))
-    if param.dim() >= 2:
-        return int(torch.count_nonzero(param.detach()))
-    return param.numel()
-
-
-# ----------------------------------------------------------------------------- latency
-
-
-def _round_robin(
-    calls: Sequence[Callable[[], Any]], warmup: int, repeats: int, rerun: bool = False
-) -> list[float]:
-    """Median wall seconds of each call, timed in ``repeats`` interleaved rounds (each call once
-    per round) after ``warmup`` untimed rounds.
-
-    Interleaving spreads a busy spell of a shared machine over all calls alike, so their ratios
-    stay right even when the absolute speed drifts during the measurement; the median, not the
-    mean, so that a run preempted by another process does not count.
-
-    ``rerun``: each call runs once untimed right before its timed run, so that it is timed warm.
-    Whole models need it: a round of many models evicts each other's kernels from oneDNN's
-    primitive cache (1,024 entries by default), and a model's first pass after the others then
-    pays for re-creating them. Timed one pass each in rounds of 14 models, MobileNetV2's pruned
-    models measured 0.58-0.80 of the dense latency; timed warm, alone or with the dense model
-    only, 0.33-0.43.
-    """
-    for _ in range(warmup):
-        for fn in calls:
-            fn()
-    times: list[list[float]] = [[] for _ in calls]
-    for _ in range(repeats):
-        for fn, bucket in zip(calls, times, strict=True):
-            if rerun:
-                fn()
-            start = time.perf_counter()
-            fn()
-            bucket.append(time.perf_counter() - start)
-    return [statistics.median(bucket) for bucket in times]
-
-
-@contextmanager
-def _cpu_forward(
-    model: nn.Module, input_shape: tuple[int, ...], batch_size: int
-) -> Iterator[Callable[[], Any]]:
-    """A no-argument call running one forward pass of a random batch on CPU, valid inside the
-    block (eval mode, ``torch.inference_mode``). A model on another device is copied to CPU;
-    a shape that does not fit fails here, before any timing."""
-    if _model_device(model).type != "cpu":
-        model = copy.deepcopy(model).cpu()
-    x = torch.randn(batch_size, *input_shape)
-    with _eval_mode(model), torch.inference_mode():
-        _forward(model, x, input_shape)
-        yield lambda: model(x)
-
-
-def measure_latency(
-    model: nn.Module,
-    input_shape: tuple[int, ...],
-    batch_size: int = 1,
-    threads: int | None = 1,
-    warmup: int = 10,
-    repeats: int = 50,
-) -> float:
-    """Median wall seconds of one forward pass of ``batch_size`` samples on CPU.
-
-    Runs in eval mode under ``torch.inference_mode`` with ``threads`` torch threads (``None``:
-    leave torch's setting), restoring the previous thread count and the model's train/eval
-    flags afterwards, also on error. A model on another device is measured on a CPU copy.
-    The median, not the mean, because one preempted run on a shared machine must not count.
-    """
-    return measure_latencies([model], input_shape, batch_size, threads, warmup, repeats)[0]
-
-
-def measure_latencies(
-    models: Sequence[nn.Module],
-    input_shape: tuple[int, ...],
-    batch_size: int = 1,
-    threads: int | None = 1,
-    warmup: int = 10,
-    repeats: int = 50,
-) -> list[float]:
-    """Median wall seconds of one forward pass of each model, all timed in the same interleaved
-    rounds (each model once per round, timed warm: right after an untimed pass of its own, see
-    :func:`_round_robin`).
-
-    The way to compare models, e.g. a pruned model against its dense one: measured one after
-    the other, a machine whose speed changes in between (another process starts, a frequency
-    drop) puts the change into their ratio; interleaved, both see it alike. Same conditions as
-    :func:`measure_latency`; every model's shape is checked by one forward pass before any
-    timing.
-    """
-    shape = _check_shape(input_shape)
-    _check_positive(batch_size=batch_size, threads=threads, repeats=repeats)
-    if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
-    models = list(models)
-    if not models:
-        raise ValueError("measure_latencies needs at least one model")
-    with _num_threads(threads), ExitStack() as stack:
-        runs = [stack.enter_context(_cpu_forward(m, shape, batch_size)) for m in models]
-        return _round_robin(runs, warmup, repeats, rerun=len(runs) > 1)
-
-
-# ----------------------------------------------------------------------------- latency table
 
 
 @dataclass(frozen=True)
@@ -448,12 +158,12 @@ def _layer_specs(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerSp
     calls: list[tuple[nn.Module, torch.Tensor | None]] = []  # every leaf-module call, in order
 
     def record(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        calls.append((module, inputs[0] if _is_layer(module) else None))
+        calls.append((module, inputs[0] if is_layer(module) else None))
 
     is_leaf = lambda m: next(m.children(), None) is None  # noqa: E731
-    x = torch.zeros((1, *input_shape), device=_model_device(model))
-    with _eval_mode(model), torch.no_grad(), _hooks(model, is_leaf, record, pre=False):
-        _forward(model, x, input_shape)
+    x = torch.zeros((1, *input_shape), device=model_device(model))
+    with eval_mode(model), torch.no_grad(), hooks(model, is_leaf, record, pre=False):
+        checked_forward(model, x, input_shape)
     specs: dict[str, LayerSpec] = {}
     for i, (module, inp) in enumerate(calls):
         if inp is None:
@@ -569,7 +279,8 @@ def _bracket(points: Sequence[int], x: float) -> tuple[int, int, float]:
 
 
 def _measure_layer(spec: LayerSpec, grid: int, batch_size: int, repeats: int) -> LayerLatency:
-    """Time the layer's replicas at every grid point, interleaved (see :func:`_round_robin`)."""
+    """Time the layer's replicas at every grid point, interleaved (see
+    :func:`~autoprune.costs.latency.round_robin`)."""
     ins = _grid_values(spec.in_channels, grid, spec.channel_step)
     if spec.depthwise:
         outs = [spec.out_channels]
@@ -578,7 +289,7 @@ def _measure_layer(spec: LayerSpec, grid: int, batch_size: int, repeats: int) ->
         outs = _grid_values(spec.out_channels, grid, spec.channel_step)
         points = [(i, o) for i in ins for o in outs]
     calls = [_replica_call(spec, i, o, batch_size) for i, o in points]
-    flat = _round_robin(calls, _WARMUP_ROUNDS, repeats)
+    flat = round_robin(calls, _WARMUP_ROUNDS, repeats)
     seconds = [flat[k : k + len(outs)] for k in range(0, len(flat), len(outs))]
     return LayerLatency(spec, ins, outs, seconds)
 
@@ -596,7 +307,7 @@ def _calibrate(
     dense_calls = [
         _replica_call(g.spec, g.spec.in_channels, g.spec.out_channels, batch_size) for g in grids
     ]
-    model_seconds, *levels = _round_robin([run_model, *dense_calls], _WARMUP_ROUNDS, repeats)
+    model_seconds, *levels = round_robin([run_model, *dense_calls], _WARMUP_ROUNDS, repeats)
     for grid, level in zip(grids, levels, strict=True):
         scale = level / grid.seconds[-1][-1]
         grid.seconds = [[v * scale for v in row] for row in grid.seconds]
@@ -693,11 +404,11 @@ class LatencyTable:
         arguments (except ``repeats``), torch's version and the CPU, so a changed model or
         machine never reads a stale table; it is written atomically.
         """
-        shape = _check_shape(input_shape)
-        _check_positive(threads=threads, batch_size=batch_size, repeats=repeats)
+        shape = check_shape(input_shape)
+        check_positive(threads=threads, batch_size=batch_size, repeats=repeats)
         if grid < 2:
             raise ValueError(f"grid must be >= 2, got {grid}")
-        with _num_threads(threads):  # also for the discovery pass: fast on a loaded machine
+        with num_threads(threads):  # also for the discovery pass: fast on a loaded machine
             specs = _layer_specs(model, shape)
             if not specs:
                 raise ValueError("the model has no nn.Conv2d or nn.Linear layer to tabulate")
@@ -724,7 +435,7 @@ class LatencyTable:
         (the caller sets the thread count)."""
         start = time.perf_counter()
         shape, batch = tuple(meta["input_shape"]), int(meta["batch_size"])
-        with _cpu_forward(model, shape, batch) as run_model:
+        with cpu_forward(model, shape, batch) as run_model:
             grids: dict[str, LayerLatency] = {}
             for spec in specs:
                 sig = _layer_signature(spec)
