@@ -20,7 +20,8 @@ Levers, each measured as a variant of the evaluator's own settings:
         [--budgets flops=0.5,flops=0.25] [--variants default,batch=1000,...]
 
 Results go to ``experiments/results/evaluator_floor.json`` (one entry per task x budget x
-variant, skipped when rerun) and are printed as a table.
+variant, skipped when rerun) and are printed as a table; the README's "The evaluator against its
+floor" quotes them.
 """
 
 from __future__ import annotations
@@ -65,6 +66,17 @@ def _policies(task: Any, budget: Any, n: int, seed: int) -> list[np.ndarray]:
             for _ in range(n)]  # fmt: skip
 
 
+def _inputs(task: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The images an evaluation runs through the pruned model, as the evaluator draws them: the
+    recalibration sample of the training split (``eval.bn_batches`` x ``eval.bn_batch_size``,
+    seeded by the task's seed) and the search split in batches of ``eval.batch_size``."""
+    cfg = task.config.eval
+    n = cfg.bn_batches * cfg.bn_batch_size
+    bn = task.data.subset("train", n, seed=task.config.seed)[0] if n else torch.zeros(0)
+    search = task.search_split.map(lambda t: t.to(task.device))
+    return bn.to(task.device), [xb for xb, _ in search.batches(cfg.batch_size)]
+
+
 def measure(task_name: str, budget_text: str, variant: str, n: int) -> dict[str, Any]:
     from autoprune import build_task
     from autoprune.evaluate import Evaluator
@@ -81,9 +93,9 @@ def measure(task_name: str, budget_text: str, variant: str, n: int) -> dict[str,
     cfg = task.config.eval
     policies = _policies(task, budget, n + 1, seed=1)
     evaluator.evaluate(policies[0])  # warm-up (first-call allocations, lazy imports)
-    search = [xb for xb, _ in evaluator._search.batches(cfg.batch_size)]  # in memory, once
+    bn_images, search = _inputs(task)
     search_cl = [xb.contiguous(memory_format=torch.channels_last) for xb in search]
-    bn_cl = evaluator._bn_images.contiguous(memory_format=torch.channels_last)
+    bn_cl = bn_images.contiguous(memory_format=torch.channels_last)
     evals, floors, floors_ng, floors_cl = [], [], [], []
     parts: dict[str, list[float]] = {"prune": [], "recalibrate": [], "accuracy": []}
     for vec in policies[1:]:
@@ -92,7 +104,7 @@ def measure(task_name: str, budget_text: str, variant: str, n: int) -> dict[str,
         for key in parts:
             parts[key].append(result.seconds[key])
         model = task.prune(vec, light=True)
-        bn, size = evaluator._bn_images, cfg.bn_batch_size
+        bn, size = bn_images, cfg.bn_batch_size
         floors.append(_floor(model, bn, size, search, cfg.batch_size))
         floors_ng.append(_floor(model, bn, size, search, cfg.batch_size, torch.no_grad))
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -100,7 +112,7 @@ def measure(task_name: str, budget_text: str, variant: str, n: int) -> dict[str,
     ev, fl = statistics.median(evals), statistics.median(floors)
     return {
         "task": task_name, "budget": budget_text, "variant": variant, "policies": n,
-        "search_images": len(task.search_split), "bn_images": len(evaluator._bn_images),
+        "search_images": len(task.search_split), "bn_images": len(bn_images),
         "evaluator_s": ev, "floor_s": fl, "ratio": ev / fl,
         "floor_no_grad_s": statistics.median(floors_ng),
         "floor_channels_last_s": statistics.median(floors_cl),

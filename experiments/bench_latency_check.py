@@ -2,15 +2,15 @@
 
 For each model of the benchmark plan (its shipped checkpoint, Fashion-MNIST at 28x28, latency at
 batch 64 as the plan's budget), one search at ``--budget`` that trusts the lookup table
-(``latency_check=0``), then :func:`autoprune.runner.experiment.check_latency_on_clock` on its result
-with ``--check`` policies (the default of a search). Both policies, the table's best and the one
-the check returns, are then timed again in a separate, longer interleaved measurement with the
-dense model (median of ``--repeats``: an independent timing, not the check's own), and scored
-on the 10,000 test images (adaptive BN, no fine-tune).
+(``latency_check=0``), then :func:`autoprune.runner.latency_check.check_latency_on_clock` on
+its result with ``--check`` policies (the default of a search). Both policies, the table's best
+and the one the check returns, are then timed again in a separate, longer interleaved
+measurement with the dense model (median of ``--repeats``: an independent timing, not the
+check's own), and scored on the 10,000 test images (adaptive BN, no fine-tune).
 
-Rows are appended to ``--out`` (``latency_check.jsonl``) as each model finishes, and a model
-already there is skipped (resumable); the report is ``latency_check.md``. Run it on a quiet
-machine: it is a timing.
+Rows are appended to ``--out`` (default ``experiments/results``: ``latency_check.jsonl``) as
+each model finishes, and a model already there is skipped (resumable); the report is
+``experiments/results/latency_check.md``. Run it on a quiet machine: it is a timing.
 
     python experiments/bench_latency_check.py --models resnet20,resnet56,vgg11,mobilenetv2
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,8 +28,12 @@ from typing import Any
 import torch
 
 from autoprune.apply import apply_policy, latency_ratios
+from autoprune.bench.data import ensure_data
+from autoprune.bench.plan import Narrowing, load_plan
 from autoprune.budget import Budget
-from autoprune.runner.experiment import LATENCY_CHECK, check_latency_on_clock, run_experiment
+from autoprune.runner.config import LATENCY_CHECK
+from autoprune.runner.experiment import run_experiment
+from autoprune.runner.latency_check import check_latency_on_clock
 
 HERE = Path(__file__).resolve().parent
 
@@ -55,15 +58,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _group(args: argparse.Namespace, model: str) -> tuple[Any, Any]:
-    sys.path.insert(0, str(HERE))
-    import benchmark  # the plan's reader (experiments/benchmark.py)
-
-    ns = benchmark.parse_args(["--plan", str(args.plan), "--models", model,
-                               "--budgets", args.budget, "--searchers", args.searcher,
-                               "--seeds", str(args.seed), "--evaluations",
-                               str(args.evaluations), "--no-extra"])  # fmt: skip
-    plan = benchmark.load_plan(args.plan, ns)
-    problem = benchmark.ensure_data(plan)
+    """The benchmark plan's group of ``model`` at ``--budget`` (one searcher, one seed)."""
+    narrowing = Narrowing(
+        models=[model],
+        budgets=[args.budget],
+        searchers=[args.searcher],
+        seeds=[args.seed],
+        evaluations=args.evaluations,
+        no_extra=True,
+    )
+    plan = load_plan(args.plan, narrowing)
+    problem = ensure_data(plan)
     if problem is not None:
         raise SystemExit(f"error: {problem}")
     return plan, plan.groups[0]

@@ -16,7 +16,9 @@ model's training defaults, the same file name hash as any other use) and copies 
 A file already in ``--out`` is refused unless ``--force``: a benchmark's records name those
 weights, and ``--resume`` refuses to mix them with others.
 
-Then name the file in the plan (``checkpoint: checkpoints/<model>-<data>.pt``).
+Then name the file in the plan (``checkpoint: checkpoints/<model>-<data>.pt``). Not a
+measurement: what it makes are the weights in ``experiments/checkpoints/``, and it prints each
+one's test and search accuracy (those of the shipped files are in ``benchmark.yaml``'s comments).
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@
    every group, so removing input 1 (group 0) and input 2 (group 1) computes another function.
 
 autoprune cuts layers with its own surgery (grouped convs per group) and refuses what the tracer
-maps wrongly (its build-time masking-equivalence check); this script shows why.
+maps wrongly (its build-time masking-equivalence check); this script shows why. Rerun it when
+torch-pruning is upgraded: it prints whether each fault is still there. What it printed for
+1.6.1 is recorded in ``docs/architectures.md`` ("Which architectures channel pruning handles").
 
     python experiments/torch_pruning_repro.py
 """
