@@ -35,6 +35,9 @@ _EXPORTS = {
     "ConfigError": "autoprune.config",
     "TaskConfig": "autoprune.config",
     "task_config": "autoprune.config",
+    "ExportError": "autoprune.export",
+    "ExportResult": "autoprune.export",
+    "export": "autoprune.export",
     "Evaluation": "autoprune.evaluate",
     "Evaluator": "autoprune.evaluate",
     "Policy": "autoprune.policy",
@@ -68,6 +71,7 @@ if TYPE_CHECKING:
     from autoprune.engine.space import PruningSpace
     from autoprune.engine.units import SpaceError
     from autoprune.evaluate import Evaluation, Evaluator
+    from autoprune.export import ExportError, ExportResult, export
     from autoprune.policy import Policy, PolicyError
     from autoprune.runner.config import experiment_config
     from autoprune.runner.experiment import ExperimentResult, run_experiment
@@ -98,6 +102,8 @@ __all__ = [
     "Evaluation",
     "Evaluator",
     "ExperimentResult",
+    "ExportError",
+    "ExportResult",
     "Policy",
     "PolicyError",
     "PruningSpace",
@@ -113,6 +119,7 @@ __all__ = [
     "build_task",
     "compare",
     "experiment_config",
+    "export",
     "load_pruned",
     "run_experiment",
     "save_pruned",

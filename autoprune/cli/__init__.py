@@ -2,8 +2,8 @@
 
 This package holds the typer ``app``, its commands registered in the order ``--help`` lists them
 (:mod:`~autoprune.cli.task_commands`, :mod:`~autoprune.cli.experiment_commands`,
-:mod:`~autoprune.cli.serve`, :mod:`~autoprune.cli.bench`; tables and progress bars in
-:mod:`~autoprune.cli.render`), and
+:mod:`~autoprune.cli.deploy`, :mod:`~autoprune.cli.serve`, :mod:`~autoprune.cli.bench`; tables
+and progress bars in :mod:`~autoprune.cli.render`), and
 :func:`main`, the console script. Errors are one clear line on stderr and a non-zero exit code;
 ``--debug`` shows the traceback.
 """
@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from autoprune.cli import bench, experiment_commands, serve, task_commands
+from autoprune.cli import bench, deploy, experiment_commands, serve, task_commands
 from autoprune.cli.render import err
 
 app = typer.Typer(
@@ -37,6 +37,7 @@ for _command in (
     task_commands.evaluate,
     task_commands.sensitivity,
     task_commands.apply,
+    deploy.export,
     task_commands.train,
     experiment_commands.search,
     experiment_commands.compare,

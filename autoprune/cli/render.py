@@ -141,6 +141,21 @@ def product_table(task: Any, result: Any, finetune_epochs: int, steps: int) -> T
     return table
 
 
+def export_table(results: list[Any]) -> Table:
+    """Exported files: size, export time and the check against PyTorch."""
+    table = Table(title="exported, and checked against the PyTorch model")
+    for name in ("format", "file", "MB", "opset", "export s", "max abs error", "max rel error",
+                 "checked with", "batches", "inputs"):  # fmt: skip
+        table.add_column(name)
+    for r in results:
+        table.add_row(
+            r.format, str(r.path), f"{r.size_bytes / 2**20:.2f}", str(r.opset or "-"),
+            f"{r.seconds:.1f}", f"{r.max_abs_error:.2g}", f"{r.max_rel_error:.2g}",
+            r.checked_with, ",".join(map(str, r.batch_sizes)), r.inputs,
+        )  # fmt: skip
+    return table
+
+
 def budget_lines(result: Any, policy: Any) -> list[str]:
     """The search budget against what was measured on the pruned model, one line per limit."""
     lines = []

@@ -118,18 +118,26 @@ def apply(
     finetune_epochs: Annotated[int, typer.Option(min=0, help="Fine-tune epochs per step.")] = 0,
     steps: Annotated[int, typer.Option(min=1, help="Iterative prune/fine-tune steps.")] = 1,
     lr: Annotated[float, typer.Option(help="Fine-tune learning rate.")] = 0.01,
+    export: Annotated[
+        list[str] | None,
+        typer.Option(help="Also export: onnx, torchscript, exported_program (repeatable)."),
+    ] = None,
 ) -> None:
-    """Prune with a policy, optionally fine-tune (iteratively with --steps), and save the model.
+    """Prune with a policy, optionally fine-tune (iteratively with --steps), and save the model
+    (with --export also as ONNX / TorchScript / ExportedProgram, checked against PyTorch).
 
-    Example: autoprune apply --policy best.json --finetune-epochs 3 --steps 2 --out pruned.pt
+    Example: autoprune apply --policy best.json --finetune-epochs 3 --out pruned.pt --export onnx
     """
+    from autoprune.export import check_format
     from autoprune.policy import Policy
 
+    for fmt in export or []:
+        check_format(fmt)
     writable(out, "--out")
     pol = Policy.load(policy)
     task = load_task(config, overrides)
     pol.check(task)
-    apply_and_report(task, pol, out, finetune_epochs, steps, lr, policy_path=policy)
+    apply_and_report(task, pol, out, finetune_epochs, steps, lr, policy_path=policy, export=export)
 
 
 def apply_and_report(
@@ -140,6 +148,7 @@ def apply_and_report(
     steps: int = 1,
     lr: float = 0.01,
     policy_path: Path | None = None,
+    export: list[str] | None = None,
 ) -> None:
     """Prune, fine-tune, save; print dense vs pruned (before / after fine-tuning) on the test
     split: accuracy, MACs, params, measured latency; then where the model and policy are."""
@@ -154,6 +163,10 @@ def apply_and_report(
     for line in budget_lines(result, policy):
         console.print(line)
     console.print(f"pruned model: {save_pruned(out, task, result.model, policy)}")
+    if export:
+        from autoprune.cli.deploy import export_after_apply
+
+        export_after_apply(task, result.model, out, export)
     if policy_path is not None:
         console.print(f"policy: {policy_path}")
 
