@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from torch import nn
 from autoprune.budget import Budget, within
 from autoprune.costs.counting import count_params, measure_macs
 from autoprune.costs.latency import measure_latencies, measure_latency
+from autoprune.costs.runtimes import check_runtime, runtime_rows
 from autoprune.engine.criteria import CriterionContext, compute_scores
 from autoprune.engine.pruning import (
     Ranking,
@@ -51,6 +52,9 @@ class ApplyResult:
     pruned_no_finetune: dict[str, float]
     steps: list[dict[str, Any]] = field(default_factory=list)
     latency_batch: int | None = None  # batch size of the latency measurements (None: not timed)
+    # Dense against pruned on each runtime asked for (``runtimes=`` of :func:`apply_policy`):
+    # rows of ``runtime``, ``batch``, ``dense_ms``, ``pruned_ms``, ``speedup`` (or ``error``).
+    runtimes: list[dict[str, Any]] = field(default_factory=list)
 
     def measured_ratios(self) -> dict[str, float]:
         """Pruned / dense of what was measured on the final model: ``flops`` (MACs), ``params``
@@ -162,10 +166,15 @@ def apply_policy(
     latency: bool = True,
     progress: Progress | None = None,
     finetune_batches: int | None = None,
+    runtimes: Sequence[str] = (),
 ) -> ApplyResult:
     """Prune the task's model with a policy, fine-tune ``finetune_epochs`` per step, and report
     test metrics before and after. ``steps > 1`` prunes iteratively. ``finetune_batches`` caps
-    each step's fine-tune at that many batches (the cosine schedule spans the capped length)."""
+    each step's fine-tune at that many batches (the cosine schedule spans the capped length).
+    ``runtimes`` (``"torch"``, ``"onnxruntime"``): also time dense against pruned on each, at
+    batch 1 and the task's latency batch (:attr:`ApplyResult.runtimes`)."""
+    for runtime in runtimes:
+        check_runtime(runtime)
     vec = policy.check(task) if isinstance(policy, Policy) else task.ratio_vector(policy)
     say = progress or (lambda _msg: None)
     cfg = task.config
@@ -210,7 +219,14 @@ def apply_policy(
         )
         before = {**before, "latency_ms": 1e3 * dense_s}
         after["latency_ms"] = 1e3 * pruned_s
-    return ApplyResult(model, before, after, pruned_metrics, history, latency_batch=batch)
+    rows = []
+    if runtimes:
+        say("timing dense and pruned on " + ", ".join(runtimes))
+        batches = sorted({1, cfg.eval.latency_batch_size})
+        rows = runtime_rows(task.model, model, task.input_shape, batches, runtimes)
+    return ApplyResult(
+        model, before, after, pruned_metrics, history, latency_batch=batch, runtimes=rows
+    )
 
 
 PRUNED_FORMAT = 1

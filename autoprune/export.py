@@ -17,7 +17,6 @@ handle is named in a one-line error: the deepest module that fails to export on 
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -29,13 +28,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from autoprune.costs.onnx import DEFAULT_OPSET, batch_dim, ort_session, quiet, write_onnx
+
 FORMATS = {"onnx": ".onnx", "torchscript": ".ts", "exported_program": ".pt2"}
 CHECKED_WITH = {
     "onnx": "onnxruntime (CPUExecutionProvider)",
     "torchscript": "torch.jit.load",
     "exported_program": "torch.export.load",
 }
-DEFAULT_OPSET = 18
 ATOL = 1e-4
 RTOL = 1e-3
 CHECK_BATCH = 8  # random check inputs when no real ones are given
@@ -188,36 +188,20 @@ def _outputs(value: Any) -> list[np.ndarray]:
 # ------------------------------------------------------------------ writers
 
 
-def _batch_dim() -> Any:
-    return torch.export.Dim("batch", min=1, max=2**16)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """The exporters print progress lines; the caller reports the result."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        yield
-
-
 def _write_onnx(model: nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
-    names = [f"output_{i}" for i in range(len(_outputs(model(x))))]
-    with _exporting(model, x, "onnx"), _quiet():
-        torch.onnx.export(
-            model, (x,), str(path), dynamo=True, opset_version=opset, input_names=["input"],
-            output_names=["logits"] if len(names) == 1 else names,
-            dynamic_shapes=({0: _batch_dim()},), verbose=False, optimize=True, external_data=False,
-        )  # fmt: skip
+    with _exporting(model, x, "onnx"):
+        write_onnx(model, x, path, opset)
 
 
 def _write_torchscript(model: nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
-    with _exporting(model, x, "torchscript"), _quiet():
+    with _exporting(model, x, "torchscript"), quiet():
         traced = torch.jit.trace(model, (x,), check_trace=False)
         torch.jit.save(traced, str(path))
 
 
 def _write_exported_program(model: nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
-    with _exporting(model, x, "exported_program"), _quiet():
-        program = torch.export.export(model, (x,), dynamic_shapes=({0: _batch_dim()},))
+    with _exporting(model, x, "exported_program"), quiet():
+        program = torch.export.export(model, (x,), dynamic_shapes=({0: batch_dim()},))
         torch.export.save(program, str(path))
 
 
@@ -263,7 +247,7 @@ def _blame(model: nn.Module, x: torch.Tensor, fmt: str, exc: BaseException) -> s
     modules = dict(model.named_modules())
     for name in sorted(args, key=lambda n: -n.count(".")):
         try:
-            with _quiet():
+            with quiet():
                 if fmt == "torchscript":
                     torch.jit.trace(modules[name], args[name], check_trace=False)
                 else:
@@ -280,12 +264,7 @@ Runner = Callable[[torch.Tensor], list[np.ndarray]]
 
 
 def _run_onnx(path: Path) -> Runner:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(path, threads=1)
     name = session.get_inputs()[0].name
     return lambda x: list(session.run(None, {name: x.numpy()}))
 

@@ -141,6 +141,20 @@ def product_table(task: Any, result: Any, finetune_epochs: int, steps: int) -> T
     return table
 
 
+def runtime_table(rows: list[dict[str, Any]]) -> Table:
+    """Dense against pruned latency on each runtime and batch size (one thread)."""
+    table = Table(title="latency by runtime: dense vs pruned (ms, 1 thread)")
+    for name in ("runtime", "batch", "dense", "pruned", "speedup"):
+        table.add_column(name, justify="left" if name == "runtime" else "right")
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["runtime"], str(r["batch"]), "-", "-", f"not run: {r['error']}")
+            continue
+        table.add_row(r["runtime"], str(r["batch"]), f"{r['dense_ms']:.2f}",
+                      f"{r['pruned_ms']:.2f}", f"{r['speedup']:.2f}x")  # fmt: skip
+    return table
+
+
 def export_table(results: list[Any]) -> Table:
     """Exported files: size, export time and the check against PyTorch."""
     table = Table(title="exported, and checked against the PyTorch model")

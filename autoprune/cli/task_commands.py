@@ -20,6 +20,7 @@ from autoprune.cli.render import (
     product_table,
     progress,
     ratio_table,
+    runtime_table,
     sensitivity_table,
     units_table,
 )
@@ -153,11 +154,16 @@ def apply_and_report(
     """Prune, fine-tune, save; print dense vs pruned (before / after fine-tuning) on the test
     split: accuracy, MACs, params, measured latency; then where the model and policy are."""
     from autoprune.apply import apply_policy, save_pruned
+    from autoprune.costs.runtimes import RUNTIMES
 
     result = apply_policy(
-        task, policy, finetune_epochs=finetune_epochs, steps=steps, lr=lr, progress=console.print
-    )
+        task, policy, finetune_epochs=finetune_epochs, steps=steps, lr=lr,
+        progress=console.print, runtimes=RUNTIMES,
+    )  # fmt: skip
     console.print(product_table(task, result, finetune_epochs, steps))
+    console.print(runtime_table(result.runtimes))
+    macs = result.after["macs"] / result.before["macs"]
+    console.print(f"MACs ratio {macs:.3f}: the speedup a runtime gives differs from 1 / {macs:.3f}")
     if task.config.granularity != "channel":
         console.print("MACs and params of masked models count only non-zero weights.")
     for line in budget_lines(result, policy):
