@@ -17,6 +17,7 @@ from autoprune.agents.base import Callback, SearchError, SearchResult
 from autoprune.agents.registry import get_searcher, search
 
 from autoprune.budget import Budget
+from autoprune.frontier import mean_std
 from autoprune.parallel import make_backend
 from autoprune.task import Task
 
@@ -47,13 +48,13 @@ class Comparison:
     def _row(self, name: str) -> dict[str, Any]:
         runs = [r for (n, _), r in self.results.items() if n == name]
         found = [r for r in runs if r.best is not None]
-        accs = [r.best.accuracy for r in found]  # type: ignore[union-attr]
+        spread = mean_std([r.best.accuracy for r in found])  # type: ignore[union-attr]
         top = max(found, key=lambda r: r.best.accuracy, default=None)  # type: ignore[union-attr]
         row: dict[str, Any] = {
             "searcher": name,
             "seeds": len(runs),
-            "accuracy": statistics.fmean(accs) if accs else None,
-            "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0 if accs else None,
+            "accuracy": None if spread is None else spread[0],
+            "accuracy_std": None if spread is None else spread[1],
             "evaluations": statistics.fmean(r.evaluations for r in runs),
             "seconds": statistics.fmean(r.seconds for r in runs),
         }

@@ -223,7 +223,8 @@ def apply_policy(
     if runtimes:
         say("timing dense and pruned on " + ", ".join(runtimes))
         batches = sorted({1, cfg.eval.latency_batch_size})
-        rows = runtime_rows(task.model, model, task.input_shape, batches, runtimes)
+        timed = {} if batch is None else {("torch", batch): (dense_s, pruned_s)}  # not twice
+        rows = runtime_rows(task.model, model, task.input_shape, batches, runtimes, timed=timed)
     return ApplyResult(
         model, before, after, pruned_metrics, history, latency_batch=batch, runtimes=rows
     )

@@ -61,3 +61,8 @@ def test_apply_times_dense_and_pruned_on_both_runtimes(default_task) -> None:
     ]
     for row in result.runtimes:
         assert row["speedup"] == pytest.approx(row["dense_ms"] / row["pruned_ms"])
+    timed = ap.apply_policy(default_task, vec, latency=True, runtimes=["torch"])
+    batch = default_task.config.eval.latency_batch_size
+    row = next(r for r in timed.runtimes if r["batch"] == batch)  # one timing, shown in both
+    assert row["dense_ms"] == timed.before["latency_ms"]
+    assert row["pruned_ms"] == timed.after["latency_ms"]

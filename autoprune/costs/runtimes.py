@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -83,23 +83,31 @@ def runtime_rows(
     batches: Sequence[int],
     runtimes: Sequence[str] = RUNTIMES,
     repeats: int = 30,
+    timed: Mapping[tuple[str, int], tuple[float, float]] | None = None,
 ) -> list[dict[str, object]]:
     """Dense against pruned on each runtime and batch size: ``runtime``, ``batch``,
     ``dense_ms``, ``pruned_ms``, ``speedup`` (dense / pruned), one thread. A runtime that
     cannot run the model (a layer the ONNX exporter refuses) gets a row with ``error``
-    instead of timings: the PyTorch model is still the product."""
+    instead of timings: the PyTorch model is still the product. ``timed``: (runtime, batch)
+    -> (dense, pruned) seconds already measured the same way, used instead of timing again."""
     for runtime in runtimes:
         check_runtime(runtime)
     rows: list[dict[str, object]] = []
     shape = check_shape(input_shape)
+    known = dict(timed or {})
     for runtime in runtimes:
+        todo = [b for b in batches if (runtime, b) not in known]
         try:
-            sessions = _sessions([dense, pruned], shape, 1) if runtime == "onnxruntime" else None
+            sessions = (
+                _sessions([dense, pruned], shape, 1) if runtime == "onnxruntime" and todo else None
+            )
         except Exception as exc:  # the exporter raises many types
             rows += [{"runtime": runtime, "batch": b, "error": _first_line(exc)} for b in batches]
             continue
         for batch in batches:
-            if sessions is None:
+            if (runtime, batch) in known:
+                d, p = known[(runtime, batch)]
+            elif sessions is None:
                 d, p = measure_latencies([dense, pruned], shape, batch, 1, 5, repeats)
             else:
                 d, p = _time_sessions(sessions, shape, batch, 5, repeats)
